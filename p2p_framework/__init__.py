@@ -1,0 +1,56 @@
+"""p2p-framework: Prompt-to-Prompt editing and null-text inversion on diffusers, with plugins.
+
+The public API::
+
+    from p2p_framework import load_model, run_edit, EditSettings, get_registry
+
+    model = load_model("CompVis/stable-diffusion-v1-4")
+    registry = get_registry()
+    edits = [registry.build("edit", "replace")]
+    result = run_edit(model, ["a cat on a mat", "a dog on a mat"], edits)
+    result.images[1].save("dog.png")
+
+Plugin authors subclass :class:`Edit` or :class:`Source` and register them with
+:data:`hookimpl` functions (see ``docs/plugins.md``).
+"""
+
+from .attention import AttentionController, ControlledAttnProcessor
+from .edit import Edit, RunContext
+from .errors import ModelLoadError, OptionError, P2PError, PluginError, PromptError
+from .hookspecs import hookimpl
+from .model import StableDiffusionModel, load_model
+from .options import OptionInfo, Plugin
+from .pipeline import EditResult, EditSettings, run_edit
+from .registry import PluginInfo, PluginRegistry, get_registry
+from .source import Source, SourceRequest, SourceStart
+from .store import AttentionLayer, AttentionStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionController",
+    "AttentionLayer",
+    "AttentionStore",
+    "ControlledAttnProcessor",
+    "Edit",
+    "EditResult",
+    "EditSettings",
+    "ModelLoadError",
+    "OptionError",
+    "OptionInfo",
+    "P2PError",
+    "Plugin",
+    "PluginError",
+    "PluginInfo",
+    "PluginRegistry",
+    "PromptError",
+    "RunContext",
+    "Source",
+    "SourceRequest",
+    "SourceStart",
+    "StableDiffusionModel",
+    "get_registry",
+    "hookimpl",
+    "load_model",
+    "run_edit",
+]

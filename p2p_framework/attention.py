@@ -1,0 +1,296 @@
+"""The attention hook: one diffusers attention processor per UNet attention layer.
+
+:class:`AttentionController` installs a :class:`ControlledAttnProcessor` on every attention
+module of a UNet with ``set_attn_processor`` (no patching of model code) and restores the
+original processors on :meth:`AttentionController.remove`. The denoising loop tells the
+controller the step index and which rows of the UNet batch are conditional before each UNet
+call (:meth:`AttentionController.begin_call`), so nothing depends on counting layer calls.
+
+Per layer call, the processor asks the controller whether anything reads or changes this
+layer's attention probabilities now; if not, it takes the fused
+``scaled_dot_product_attention`` path, exactly like diffusers' ``AttnProcessor2_0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .edit import Edit
+from .store import AttentionLayer, AttentionStore
+
+
+def layer_place(name: str) -> str:
+    """``"down"``, ``"mid"`` or ``"up"`` from a UNet module path."""
+    head = name.split(".", 1)[0]
+    for place in ("down", "mid", "up"):
+        if head.startswith(place):
+            return place
+    return head
+
+
+def grid_for(queries: int, latent_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
+    """The query grid and downscale of a layer with ``queries`` queries.
+
+    UNet levels halve the grid with ``ceil`` (stride-2 convolutions with padding 1), so a
+    48x40 latent has grids 48x40, 24x20, 12x10, 6x5.
+    """
+    height, width = latent_size
+    downscale = 1
+    while downscale <= max(height, width):
+        grid = (math.ceil(height / downscale), math.ceil(width / downscale))
+        if grid[0] * grid[1] == queries:
+            return grid, downscale
+        downscale *= 2
+    raise ValueError(f"{queries} queries match no grid of the {height}x{width} latent")
+
+
+class ControlledAttnProcessor:
+    """Attention processor that lets an :class:`AttentionController` see and change the
+    attention probabilities ``(batch, heads, queries, tokens)`` of one layer."""
+
+    def __init__(self, controller: AttentionController, name: str) -> None:
+        self.controller = controller
+        self.name = name
+        self.place = layer_place(name)
+        self._layers: dict[tuple[int, bool, tuple[int, int]], AttentionLayer] = {}
+
+    def layer(self, queries: int, is_cross: bool) -> AttentionLayer:
+        """This layer's description for a call with ``queries`` queries (cached)."""
+        latent_size = self.controller.latent_size
+        key = (queries, is_cross, latent_size)
+        layer = self._layers.get(key)
+        if layer is None:
+            grid, downscale = grid_for(queries, latent_size)
+            layer = AttentionLayer(self.name, self.place, is_cross, grid, downscale)
+            self._layers[key] = layer
+        return layer
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        # Mirrors diffusers' AttnProcessor2_0 step by step, with the probabilities exposed.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        is_cross = encoder_hidden_states is not None
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(
+                attention_mask, sequence_length, batch_size
+            )
+            attention_mask = attention_mask.view(
+                batch_size, attn.heads, -1, attention_mask.shape[-1]
+            )
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        layer = self.layer(query.shape[2], is_cross)
+        if self.controller.wants(layer):
+            probs = attention_probabilities(query, key, attn.scale, attention_mask)
+            probs = self.controller.attend(probs, layer)
+            hidden_states = torch.matmul(probs.to(value.dtype), value)
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(
+                batch_size, channel, height, width
+            )
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(Q K^T * scale + mask)``, computed in float32 for half-precision inputs.
+
+    Args:
+        query: ``(batch, heads, queries, head_dim)``.
+        key: ``(batch, heads, tokens, head_dim)``.
+
+    Returns:
+        ``(batch, heads, queries, tokens)`` probabilities (float32 if the inputs were half).
+    """
+    if query.dtype in (torch.float16, torch.bfloat16):
+        query, key = query.float(), key.float()
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    return scores.softmax(dim=-1)
+
+
+class AttentionController:
+    """Applies edits to the attention of a UNet's conditional rows.
+
+    Args:
+        edits: the edits of the run, in pipeline order.
+        store: where attention maps are accumulated (only resolutions it tracks).
+        cross_table: ``(steps + 1, targets, tokens)`` 0/1 injection schedule, or None.
+        self_window: ``(start, end)`` steps in which targets take the source's self-attention.
+        self_replace_min_downscale: self-attention is replaced only in layers whose grid is
+            the latent grid divided by at least this (4: the 16x16 layers of SD 1.x at 512 px).
+        latent_size: ``(height, width)`` of the latent.
+    """
+
+    def __init__(
+        self,
+        edits: Sequence[Edit] = (),
+        *,
+        store: AttentionStore | None = None,
+        cross_table: torch.Tensor | None = None,
+        self_window: tuple[int, int] = (0, 0),
+        self_replace_min_downscale: int = 4,
+        latent_size: tuple[int, int] = (64, 64),
+    ) -> None:
+        self.injecting = [edit for edit in edits if edit.injects_cross_attention]
+        self.store = store if store is not None else AttentionStore()
+        self.cross_table = cross_table if self.injecting else None
+        self.self_window = self_window if self.injecting else (0, 0)
+        self.self_replace_min_downscale = self_replace_min_downscale
+        self.latent_size = latent_size
+        self._cross_active = (
+            [bool(row.any()) for row in self.cross_table] if self.cross_table is not None else []
+        )
+        self._cross_rows: list[torch.Tensor] = []
+        self.step = 0
+        self.cond_rows: slice | None = None
+        self._unet: Any = None
+        self._original: dict[str, Any] | None = None
+
+    # -- installation ---------------------------------------------------------------------
+    def install(self, unet: Any) -> None:
+        """Put a controlled processor on every attention layer of ``unet``."""
+        if self._unet is not None:
+            raise RuntimeError("this controller is already installed")
+        self._original = dict(unet.attn_processors)
+        processors = {
+            key: ControlledAttnProcessor(self, key.rsplit(".processor", 1)[0])
+            for key in self._original
+        }
+        unet.set_attn_processor(processors)
+        self._unet = unet
+
+    def remove(self) -> None:
+        """Restore the processors the UNet had before :meth:`install`."""
+        if self._unet is not None and self._original is not None:
+            self._unet.set_attn_processor(self._original)
+        self._unet = None
+        self._original = None
+
+    @contextmanager
+    def installed(self, unet: Any) -> Iterator[AttentionController]:
+        """Context manager: install on ``unet`` and always remove afterwards."""
+        self.install(unet)
+        try:
+            yield self
+        finally:
+            self.remove()
+
+    # -- per call -------------------------------------------------------------------------
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> AttentionController:
+        """Move the schedule tables to ``device`` (done once per run, not per call)."""
+        if self.cross_table is not None:
+            table = self.cross_table.to(device=device, dtype=dtype)
+            self._cross_rows = [row[:, None, None, :] for row in table]
+        return self
+
+    def begin_call(self, step: int, cond_rows: slice | None) -> None:
+        """Say which step the next UNet call belongs to and which of its rows are conditional.
+
+        Args:
+            step: 0-based diffusion step.
+            cond_rows: rows of the UNet batch holding the conditional prompts, source first;
+                None for a call with no conditional rows (a separate unconditional pass).
+        """
+        self.step = step
+        self.cond_rows = cond_rows
+
+    def _cross_injecting(self) -> bool:
+        return bool(self._cross_active) and self._cross_active[self.step]
+
+    def _self_injecting(self, layer: AttentionLayer) -> bool:
+        start, end = self.self_window
+        return start <= self.step < end and layer.downscale >= self.self_replace_min_downscale
+
+    def wants(self, layer: AttentionLayer) -> bool:
+        """Whether this layer's probabilities are read or changed in the current call."""
+        if self.cond_rows is None:
+            return False
+        if self.store.wants(layer):
+            return True
+        return self._cross_injecting() if layer.is_cross else self._self_injecting(layer)
+
+    def attend(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
+        """Edit and record one layer call's probabilities.
+
+        Args:
+            probs: ``(batch, heads, queries, tokens)`` for the whole UNet batch.
+
+        Returns:
+            the same shape, with the conditional targets' rows edited.
+        """
+        assert self.cond_rows is not None
+        cond = probs[self.cond_rows]
+        source, targets = cond[:1], cond[1:]
+        new_targets = None
+        if targets.shape[0]:
+            if layer.is_cross and self._cross_injecting():
+                injected = source.expand_as(targets)
+                for edit in self.injecting:
+                    injected = edit.cross_attention(injected, targets, layer)
+                alpha = self._cross_rows[self.step]
+                new_targets = alpha * injected + (1 - alpha) * targets
+            elif not layer.is_cross and self._self_injecting(layer):
+                new_targets = source.expand_as(targets)
+        if new_targets is not None:
+            if probs.requires_grad:
+                probs = probs.clone()
+            first_target = (self.cond_rows.start or 0) + 1
+            probs[first_target : first_target + new_targets.shape[0]] = new_targets
+            cond = probs[self.cond_rows]
+        if self.store.wants(layer):
+            self.store.add(layer, cond)
+        return probs

@@ -1,0 +1,257 @@
+"""Model loading and the one adapter that knows a model family's specifics.
+
+Everything outside this module talks to :class:`StableDiffusionModel`: text encoding, the
+UNet call, VAE encode/decode, sizes. Stable Diffusion 1.x and 2.x (epsilon or v-prediction)
+share it; SDXL, with two text encoders and added conditioning, would be a second adapter with
+the same methods, chosen in :func:`load_model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError, OptionError
+
+SCHEDULERS = ("ddim", "model", "pndm", "euler", "euler-ancestral", "dpm-solver", "lms")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
+    if device != "auto":
+        try:
+            return torch.device(device)
+        except RuntimeError as error:
+            raise OptionError("pipeline", "device", str(error)) from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float16 on CUDA and MPS, float32 on CPU; half precision only on a GPU."""
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in names:
+        raise OptionError("pipeline", "dtype", f"expected auto, {', '.join(names)}; got {dtype!r}")
+    if names[dtype] != torch.float32 and device.type == "cpu":
+        raise OptionError("pipeline", "dtype", f"{dtype} needs a GPU; use float32 on the CPU")
+    return names[dtype]
+
+
+def folder_hash(path: Path) -> str:
+    """SHA-256 over the names, sizes and modification times of a model folder's files.
+
+    Cheap (no file contents are read) and enough to tell two folders or two trainings apart.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}:{stat.st_size}:{int(stat.st_mtime)}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class StableDiffusionModel:
+    """Adapter for diffusers Stable Diffusion 1.x / 2.x pipelines.
+
+    Attributes:
+        unet, vae, text_encoder, tokenizer: the diffusers / transformers components.
+        scheduler_config: the model's own scheduler config.
+        identity: how to name this model in records: ``{"model": ..., "revision": ...}`` for a
+            hub id, ``{"model": path, "folder_hash": ...}`` for a local folder.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    identity: dict[str, Any] = field(default_factory=dict)
+    family: str = "stable-diffusion"
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent cell along each side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The size in pixels the model was trained at (512 for SD 1.x)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def prediction_type(self) -> str:
+        """``"epsilon"`` or ``"v_prediction"``."""
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent ``(height, width)`` for an image size in pixels, checked for divisibility."""
+        factor = self.vae_scale_factor
+        for option, value in (("height", height), ("width", width)):
+            if value <= 0 or value % factor:
+                raise OptionError(
+                    "pipeline", option, f"must be a positive multiple of {factor}, got {value}"
+                )
+        return height // factor, width // factor
+
+    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``(prompts, max_tokens)`` padded, truncated token ids."""
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_tokens,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings ``(prompts, max_tokens, dim)`` as the UNet's context."""
+        ids = self.token_ids(prompts).to(self.text_encoder.device)
+        embeddings = self.text_encoder(ids)[0]
+        return embeddings.to(dtype=self.dtype, device=self.device)
+
+    def predict(self, latents: torch.Tensor, timestep: Any, context: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output (noise or v, per ``prediction_type``).
+
+        Args:
+            latents: ``(batch, channels, height, width)``, already scaled by the scheduler.
+            context: ``(batch, tokens, dim)`` text embeddings.
+        """
+        return self.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(batch, 3, H, W)`` in [0, 1], float32, from latents."""
+        scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(scaled, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents from images ``(batch, 3, H, W)`` in [0, 1]: posterior mean times scaling."""
+        pixels = (images * 2 - 1).to(device=self.vae.device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(pixels).latent_dist
+        return posterior.mean * self.vae.config.scaling_factor
+
+    def make_scheduler(self, name: str = "ddim") -> Any:
+        """A fresh scheduler built from the model's config.
+
+        ``ddim`` (the default, as in the papers) forces ``clip_sample=False`` and
+        ``set_alpha_to_one=False``; ``model`` is the scheduler the model was saved with.
+        """
+        import diffusers
+
+        config = dict(self.scheduler_config)
+        classes = {
+            "ddim": diffusers.DDIMScheduler,
+            "pndm": diffusers.PNDMScheduler,
+            "euler": diffusers.EulerDiscreteScheduler,
+            "euler-ancestral": diffusers.EulerAncestralDiscreteScheduler,
+            "dpm-solver": diffusers.DPMSolverMultistepScheduler,
+            "lms": diffusers.LMSDiscreteScheduler,
+        }
+        if name == "model":
+            cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"))
+            return cls.from_config(config)
+        if name not in classes:
+            raise OptionError(
+                "pipeline", "scheduler", f"unknown scheduler {name!r}; choose from {SCHEDULERS}"
+            )
+        if name == "ddim":
+            return classes[name].from_config(config, clip_sample=False, set_alpha_to_one=False)
+        return classes[name].from_config(config)
+
+
+def load_model(
+    model: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+) -> StableDiffusionModel:
+    """Load a diffusers Stable Diffusion pipeline from a hub id or a local folder.
+
+    Args:
+        model: hub id (``"CompVis/stable-diffusion-v1-4"``) or a folder saved with
+            ``save_pretrained``.
+        device: ``"auto"`` (CUDA, then MPS, then CPU) or a torch device.
+        dtype: ``"auto"`` (float16 on a GPU, float32 on CPU), ``"float32"``, ``"float16"``,
+            ``"bfloat16"``, or a torch dtype.
+        revision: hub revision (branch, tag or commit).
+
+    Raises:
+        ModelLoadError: the folder is missing or is not a supported pipeline.
+    """
+    import diffusers
+
+    torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, torch_device)
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+    if looks_local and not (path / "model_index.json").is_file():
+        what = "does not exist" if not path.exists() else "has no model_index.json"
+        raise ModelLoadError(f"model folder {text!r} {what}; pass a diffusers pipeline folder")
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            str(path) if looks_local else text,
+            torch_dtype=torch_dtype,
+            revision=revision,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load model {text!r}: {first}") from error
+    components = pipe.components
+    if "text_encoder_2" in components:
+        raise ModelLoadError(f"{text!r} is an SDXL-style pipeline, which is not supported yet")
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if components.get(c) is None]
+    if missing:
+        raise ModelLoadError(f"{text!r} is not a Stable Diffusion pipeline (missing {missing})")
+    identity: dict[str, Any]
+    if looks_local:
+        identity = {"model": str(path.resolve()), "folder_hash": folder_hash(path)}
+    else:
+        commit = getattr(pipe.config, "_commit_hash", None) or pipe.config.get("_commit_hash")
+        identity = {"model": text, "revision": revision or "main", "commit": commit}
+    for name in ("unet", "vae", "text_encoder"):
+        module = components[name]
+        module.to(torch_device)
+        module.eval()
+        module.requires_grad_(False)
+    return StableDiffusionModel(
+        unet=components["unet"],
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        scheduler_config=dict(components["scheduler"].config),
+        identity=identity,
+    )

@@ -1,0 +1,359 @@
+"""Tiny, randomly initialised Stable-Diffusion-shaped models, built fully offline.
+
+The test-suite (and anyone without network access to a model hub) needs a real
+:class:`diffusers.StableDiffusionPipeline` folder to exercise the Prompt-to-Prompt code paths.
+This module builds one from configs only:
+
+* :func:`build_clip_tokenizer` writes a small CLIP byte-level BPE tokenizer (``vocab.json`` +
+  ``merges.txt``) in which every word of a given list is a single token while any other text
+  still tokenizes (it falls back to byte-level characters);
+* :func:`save_tiny_pipeline` builds a tiny UNet / VAE / CLIP text encoder with exactly the block
+  structure of Stable Diffusion 1.x (attention grids at latent/1, /2, /4 and /8, VAE scale
+  factor 8) and saves the whole pipeline with ``save_pretrained``.
+
+The weights are random, so images are meaningless, but they are deterministic for a seed and
+depend on the prompt, which is all the tests need.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import Attention
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+__all__ = [
+    "BOS_TOKEN",
+    "DEFAULT_WORDS",
+    "EOS_TOKEN",
+    "END_OF_WORD",
+    "build_clip_tokenizer",
+    "bytes_to_unicode",
+    "save_tiny_pipeline",
+]
+
+#: Beginning-of-text token of the CLIP tokenizer.
+BOS_TOKEN = "<|startoftext|>"
+#: End-of-text token of the CLIP tokenizer (also used for padding, as in Stable Diffusion).
+EOS_TOKEN = "<|endoftext|>"
+#: Suffix CLIP's BPE appends to the last symbol of every word.
+END_OF_WORD = "</w>"
+
+#: Output channels of the tiny UNet's four levels.
+UNET_BLOCK_OUT_CHANNELS: tuple[int, ...] = (32, 32, 64, 64)
+#: Number of attention heads of the tiny UNet (diffusers' legacy ``attention_head_dim``).
+UNET_ATTENTION_HEADS = 4
+#: Factor applied to the random query and key weights of the UNet's cross-attention layers:
+#: it makes cross-attention maps peaked (normalised entropy ~0.55 instead of ~1.0, uniform).
+CROSS_ATTENTION_QK_GAIN = 5.0
+#: Factor applied to the random output weights of the UNet's cross-attention layers, so the
+#: prompt clearly changes the image.
+CROSS_ATTENTION_OUT_GAIN = 2.0
+#: Output channels of the tiny VAE's four levels.
+VAE_BLOCK_OUT_CHANNELS: tuple[int, ...] = (8, 16, 32, 32)
+#: Hidden size of the tiny CLIP text encoder, also the UNet's ``cross_attention_dim``.
+TEXT_HIDDEN_SIZE = 32
+
+#: Words that are single tokens in the default tiny tokenizer (words used in tests and docs).
+DEFAULT_WORDS: tuple[str, ...] = (
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "at",
+    "and",
+    "with",
+    "next",
+    "to",
+    "painting",
+    "photo",
+    "squirrel",
+    "lion",
+    "cat",
+    "tiger",
+    "dog",
+    "eating",
+    "burger",
+    "sitting",
+    "mirror",
+    "house",
+    "mountain",
+    "fall",
+    "smiling",
+    "bunny",
+    "doll",
+    "soup",
+    "pea",
+    "croutons",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "background",
+    "car",
+    "tree",
+    "big",
+    "small",
+    "white",
+    "black",
+    "sunset",
+    "snowy",
+    "forest",
+    "beach",
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Return GPT-2's reversible byte -> printable unicode character table (256 entries).
+
+    This is the table CLIP's (and GPT-2's) byte-level BPE uses, in the same order, so the
+    first 256 vocabulary entries match the real CLIP vocabulary.
+    """
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _word_symbols(word: str, byte_encoder: dict[int, str]) -> list[str]:
+    """Byte-level symbols of ``word`` as CLIP's BPE sees them (last one ends with ``</w>``)."""
+    symbols = [byte_encoder[b] for b in word.encode("utf-8")]
+    symbols[-1] += END_OF_WORD
+    return symbols
+
+
+def _normalize_word(word: str) -> str:
+    """Normalise a word like the CLIP tokenizer does (NFC, lowercase) and validate it."""
+    normalized = unicodedata.normalize("NFC", word).lower()
+    if not normalized or not normalized.isalpha():
+        raise ValueError(
+            f"tiny tokenizer words must be non-empty and made of letters only, got {word!r}"
+        )
+    return normalized
+
+
+def build_clip_tokenizer(
+    words: Iterable[str], save_dir: str | Path, max_length: int = 77
+) -> CLIPTokenizer:
+    """Build a small CLIP BPE tokenizer offline in which every word of ``words`` is one token.
+
+    The tokenizer behaves like Stable Diffusion's: it lowercases, wraps the ids in
+    ``<|startoftext|>`` / ``<|endoftext|>``, pads with ``<|endoftext|>`` and has
+    ``model_max_length == max_length``. Its vocabulary holds the 256 byte-level base characters
+    and their ``</w>`` (end-of-word) variants, so any text tokenizes; a word that is not listed
+    falls back to several sub-word tokens.
+
+    Each listed word gets a chain of merges built from its *end*: for ``"cat"`` the merges are
+    ``a t</w>`` then ``c at</w>``. Every merge has a ``</w>`` symbol on its right, and the only
+    ``</w>`` symbol of a word is its last one, so while a word is being merged it is always
+    "single characters + one suffix token" and the only applicable merge extends that suffix by
+    one character. Merges added for one word therefore can never stop another listed word from
+    collapsing to one token (which a left-to-right chain such as ``c a``, ``ca t</w>`` can: the
+    merge ``t i`` of "tiger" would break "sitting"). This is verified before returning.
+
+    ``vocab.json`` and ``merges.txt`` are written to ``save_dir``, which is then completed with
+    ``save_pretrained`` so that ``CLIPTokenizer.from_pretrained(save_dir)`` (and
+    ``AutoTokenizer``) load it.
+
+    Args:
+        words: Words that must each be a single token (letters only; case-insensitive).
+        save_dir: Folder to write the tokenizer files to (created if needed).
+        max_length: ``model_max_length`` of the tokenizer (77 for Stable Diffusion).
+
+    Returns:
+        The tokenizer, loaded back from ``save_dir``.
+
+    Raises:
+        ValueError: If a word is empty or contains non-letters.
+    """
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    byte_encoder = bytes_to_unicode()
+
+    base = list(byte_encoder.values())
+    vocab_tokens: list[str] = base + [ch + END_OF_WORD for ch in base]
+    known = set(vocab_tokens)
+    merges: list[tuple[str, str]] = []
+    seen_merges: set[tuple[str, str]] = set()
+    normalized_words = list(dict.fromkeys(_normalize_word(w) for w in words))
+    for word in normalized_words:
+        symbols = _word_symbols(word, byte_encoder)
+        suffix = symbols[-1]
+        for symbol in reversed(symbols[:-1]):
+            pair = (symbol, suffix)
+            suffix = symbol + suffix
+            if pair not in seen_merges:
+                seen_merges.add(pair)
+                merges.append(pair)
+            if suffix not in known:
+                known.add(suffix)
+                vocab_tokens.append(suffix)
+    vocab_tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(vocab_tokens)}
+
+    with open(save_dir / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False, indent=1)
+    with open(save_dir / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.writelines(f"{left} {right}\n" for left, right in merges)
+
+    tokenizer = CLIPTokenizer.from_pretrained(save_dir, model_max_length=max_length)
+    tokenizer.save_pretrained(save_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(save_dir)
+
+    for word in normalized_words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:  # pragma: no cover - guaranteed by the merge construction
+            raise RuntimeError(f"word {word!r} is not a single token: {ids}")
+    return tokenizer
+
+
+def _tiny_unet(sample_size: int, prediction_type: str) -> UNet2DConditionModel:
+    """Tiny UNet with Stable Diffusion 1.x's block structure (2.x-style for v-prediction)."""
+    sd2_style = prediction_type == "v_prediction"
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=UNET_BLOCK_OUT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+        attention_head_dim=UNET_ATTENTION_HEADS,
+        use_linear_projection=sd2_style,
+        upcast_attention=sd2_style,
+    )
+    # With PyTorch's default init, cross-attention is almost uniform over the 77 tokens, so the
+    # prompt barely matters; sharpen it and strengthen its output so it does.
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, Attention) and module.is_cross_attention:
+                module.to_q.weight.mul_(CROSS_ATTENTION_QK_GAIN)
+                module.to_k.weight.mul_(CROSS_ATTENTION_QK_GAIN)
+                module.to_out[0].weight.mul_(CROSS_ATTENTION_OUT_GAIN)
+    return unet
+
+
+def _tiny_vae(sample_size: int) -> AutoencoderKL:
+    """Tiny VAE with 4 levels, hence Stable Diffusion's scale factor of 8."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=VAE_BLOCK_OUT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=sample_size * 8,
+        scaling_factor=0.18215,
+    )
+
+
+def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """Tiny CLIP text encoder whose vocabulary and special ids match ``tokenizer``."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=4 * TEXT_HIDDEN_SIZE,
+        projection_dim=TEXT_HIDDEN_SIZE,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def save_tiny_pipeline(
+    save_dir: str | Path,
+    *,
+    prediction_type: str = "epsilon",
+    sample_size: int = 16,
+    seed: int = 0,
+    words: Iterable[str] = DEFAULT_WORDS,
+) -> Path:
+    """Build a tiny random Stable Diffusion pipeline and save it as a standard diffusers folder.
+
+    The folder loads offline with ``StableDiffusionPipeline.from_pretrained(save_dir)``. The UNet
+    has SD 1.x's blocks (three cross-attention down blocks, one plain down block, a
+    cross-attention mid block and the mirrored up blocks), so cross-attention maps come at
+    latent/1, /2, /4 and /8 like SD 1.x's 64, 32, 16 and 8; the VAE has 4 levels (scale
+    factor 8); the text encoder is a 2-layer CLIP; the scheduler is SD's DDIM configuration.
+
+    Args:
+        save_dir: Folder to write the pipeline to (created if needed).
+        prediction_type: ``"epsilon"`` (SD 1.x) or ``"v_prediction"`` (SD 2.x; the UNet then
+            also uses linear projections and upcast attention, like SD 2.1).
+        sample_size: Latent size of the UNet (16 means 128 px images).
+        seed: Seed of the random weights; building is deterministic for a seed and does not
+            change the global torch random state.
+        words: Words that are single tokens of the tokenizer.
+
+    Returns:
+        ``save_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: If ``prediction_type`` is not supported or a word is invalid.
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    save_dir = Path(save_dir)
+    tokenizer = build_clip_tokenizer(words, save_dir / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet(sample_size, prediction_type)
+        vae = _tiny_vae(sample_size)
+        text_encoder = _tiny_text_encoder(tokenizer)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(save_dir)
+    return save_dir
