@@ -222,7 +222,7 @@ def load_model(
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
             str(path) if looks_local else text,
-            torch_dtype=torch_dtype,
+            dtype=torch_dtype,
             revision=revision,
             safety_checker=None,
             requires_safety_checker=False,

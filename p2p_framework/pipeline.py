@@ -133,6 +133,7 @@ def run_edit(
     model: StableDiffusionModel,
     prompts: Sequence[str],
     edits: Sequence[Edit] = (),
+    *,
     source: Source | None = None,
     settings: EditSettings | None = None,
     progress: ProgressCallback | None = None,

@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from p2p_framework import PluginRegistry, StableDiffusionModel, load_model
 from p2p_framework.tiny_models import save_tiny_pipeline
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny models gain nothing from threads, and one thread keeps timings and results
+    # steady when other processes share the two cores.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +29,15 @@ def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_pipeline(
         tmp_path_factory.mktemp("tiny-sd-vpred"), prediction_type="v_prediction"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> StableDiffusionModel:
+    """The tiny epsilon model, loaded once through ``load_model`` on the CPU in float32."""
+    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def registry() -> PluginRegistry:
+    """A registry of the built-in plugins only (no entry points), private to one test."""
+    return PluginRegistry(entry_points=False)

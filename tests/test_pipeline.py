@@ -1,0 +1,328 @@
+"""End-to-end behaviour of the edit pipeline on tiny models: equality with diffusers, the
+identity and no-op edits, local blend, model families, and errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from p2p_framework import (
+    AttentionController,
+    AttentionStore,
+    Edit,
+    EditSettings,
+    OptionError,
+    RunContext,
+    load_model,
+    run_edit,
+)
+from p2p_framework.plugins.local_blend import LocalBlend
+from p2p_framework.plugins.replace import Replace
+from p2p_framework.plugins.reweight import Reweight
+from p2p_framework.plugins.seed import Seed
+
+STEPS = 6
+SOURCE = "a painting of a squirrel eating a burger"
+TARGET = "a painting of a lion eating a burger"
+
+
+def diffusers_generate(model_dir, prompt, *, seed=8888, steps=STEPS, guidance=7.5, **size):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="latent",
+        **size,
+    ).images
+
+
+def settings(**overrides) -> EditSettings:
+    return EditSettings(**{"steps": STEPS, **overrides})
+
+
+def test_source_row_equals_diffusers(tiny_model_dir, tiny_model):
+    expected = diffusers_generate(tiny_model_dir, SOURCE)
+    result = run_edit(
+        tiny_model, [SOURCE, TARGET], [Replace()], source=Seed(8888), settings=settings()
+    )
+    torch.testing.assert_close(result.latents[:1], expected, atol=1e-5, rtol=1e-4)
+    assert result.images[0].size == (128, 128)
+
+
+def test_identity_edit_gives_the_source_image(tiny_model):
+    result = run_edit(
+        tiny_model,
+        [SOURCE, SOURCE],
+        [Replace()],
+        settings=settings(cross_replace_steps=1.0, self_replace_steps=1.0),
+    )
+    torch.testing.assert_close(result.latents[1], result.latents[0], atol=1e-6, rtol=0)
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1]))
+
+
+def test_no_injection_gives_the_targets_plain_generation(tiny_model):
+    edited = run_edit(
+        tiny_model,
+        [SOURCE, TARGET],
+        [Replace()],
+        settings=settings(cross_replace_steps=0.0, self_replace_steps=0.0),
+    )
+    plain = run_edit(tiny_model, [TARGET], [], settings=settings())
+    torch.testing.assert_close(edited.latents[1:], plain.latents, atol=1e-5, rtol=1e-4)
+
+
+def test_injection_changes_the_target(tiny_model):
+    edited = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=settings())
+    plain = run_edit(tiny_model, [TARGET], [], settings=settings())
+    assert (edited.latents[1] - plain.latents[0]).abs().max() > 1e-3
+
+
+def test_reweight_with_ones_changes_nothing(tiny_model):
+    base = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=settings())
+    ones = run_edit(
+        tiny_model, [SOURCE, TARGET], [Replace(), Reweight({"lion": 1.0})], settings=settings()
+    )
+    assert torch.equal(base.latents, ones.latents)
+    boosted = run_edit(
+        tiny_model, [SOURCE, TARGET], [Replace(), Reweight({"lion": 5.0})], settings=settings()
+    )
+    assert torch.equal(boosted.latents[0], base.latents[0])  # the source is never edited
+    assert not torch.equal(boosted.latents[1], base.latents[1])
+
+
+@dataclass
+class BlendWitness(Edit):
+    """Records, after local blend, whether targets equal the source outside its mask."""
+
+    name = "blend-witness"
+
+    blend: LocalBlend | None = None
+
+    def setup(self, run: RunContext) -> None:
+        self.checked: list[int] = []
+
+    def after_step(self, latents, step, run):
+        mask = self.blend.mask
+        if mask is not None:
+            outside = ~mask.expand_as(latents)
+            for target in range(1, latents.shape[0]):
+                assert torch.equal(latents[target][outside[target]], latents[0][outside[target]])
+            assert mask[1:].float().mean() < 1  # the mask does not cover everything
+            self.checked.append(step)
+        return latents
+
+
+def test_local_blend_keeps_targets_equal_to_source_outside_the_mask(tiny_model):
+    blend = LocalBlend(words=["squirrel", "lion", "tiger"], start_blend=0.0, threshold=0.5)
+    witness = BlendWitness(blend)
+    prompts = [SOURCE, TARGET, "a painting of a tiger eating a burger"]
+    result = run_edit(tiny_model, prompts, [Replace(), blend, witness], settings=settings())
+    assert witness.checked == list(range(STEPS))
+    assert result.latents.shape[0] == 3
+
+
+def test_local_blend_start_step(tiny_model):
+    blend = LocalBlend(words=["squirrel", "lion"], start_blend=0.5)
+    witness = BlendWitness(blend)
+    run_edit(tiny_model, [SOURCE, TARGET], [Replace(), blend, witness], settings=settings())
+    assert witness.checked == list(range(STEPS // 2, STEPS))
+
+
+def test_substruct_words_shrink_the_mask(tiny_model):
+    plain = LocalBlend(words=["squirrel", "lion"], start_blend=0.0)
+    minus = LocalBlend(
+        words=["squirrel", "lion"], start_blend=0.0, substruct_words=["burger", "burger"]
+    )
+    run_edit(tiny_model, [SOURCE, TARGET], [Replace(), plain], settings=settings())
+    run_edit(tiny_model, [SOURCE, TARGET], [Replace(), minus], settings=settings())
+    assert not (minus.mask & ~plain.mask).any()
+    assert minus.mask.sum() < plain.mask.sum()
+
+
+def test_separate_guidance_passes_give_the_same_edit(tiny_model):
+    def edits():
+        return [Replace(), LocalBlend(words=["squirrel", "lion"])]
+
+    batched = run_edit(tiny_model, [SOURCE, TARGET], edits(), settings=settings())
+    separate = run_edit(
+        tiny_model, [SOURCE, TARGET], edits(), settings=settings(separate_uncond_pass=True)
+    )
+    # float rounding only: the UNet batch is 2 rows instead of 4
+    torch.testing.assert_close(separate.latents, batched.latents, atol=1e-4, rtol=1e-3)
+
+
+def test_guidance_one_runs_the_edit_without_uncond_rows(tiny_model):
+    result = run_edit(
+        tiny_model,
+        [SOURCE, SOURCE],
+        [Replace()],
+        settings=settings(guidance=1.0, cross_replace_steps=1.0, self_replace_steps=1.0),
+    )
+    torch.testing.assert_close(result.latents[1], result.latents[0], atol=1e-6, rtol=0)
+
+
+def test_store_memory_does_not_grow_with_steps(tiny_model):
+    sizes = []
+    for steps in (3, 12):
+        result = run_edit(
+            tiny_model,
+            [SOURCE, TARGET],
+            [Replace(), LocalBlend(words=["squirrel", "lion"])],
+            settings=settings(steps=steps, attention_maps=True),
+        )
+        sizes.append(result.attention_store.nbytes())
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_attention_store_maps_sum_to_one_over_tokens(tiny_model):
+    result = run_edit(tiny_model, [SOURCE, TARGET], [], settings=settings(attention_maps=True))
+    maps = result.attention_store.average(downscale=4)
+    assert maps.shape == (2, 4, 4, 77)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 4))
+
+
+def test_v_prediction_model_matches_diffusers_non_square(tiny_vpred_model_dir):
+    model = load_model(tiny_vpred_model_dir, device="cpu", dtype="float32")
+    assert model.prediction_type == "v_prediction"
+    size = {"height": 128, "width": 96}
+    expected = diffusers_generate(tiny_vpred_model_dir, SOURCE, **size)
+    result = run_edit(
+        model,
+        [SOURCE, TARGET],
+        [Replace(), LocalBlend(words=["squirrel", "lion"], start_blend=0.0)],
+        settings=settings(**size),
+    )
+    assert result.latents.shape == (2, 4, 16, 12)
+    assert [image.size for image in result.images] == [(96, 128)] * 2
+    torch.testing.assert_close(result.latents[:1], expected, atol=1e-5, rtol=1e-4)
+
+
+# -- the controller on its own -------------------------------------------------------------
+
+
+def unet_inputs(model, batch=4):
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 4, 16, 16, generator=generator)
+    context = torch.randn(batch, 77, model.unet.config.cross_attention_dim, generator=generator)
+    return latents, torch.tensor(500), context
+
+
+@torch.no_grad()
+def test_controller_without_edits_equals_default_attention(tiny_model):
+    latents, t, context = unet_inputs(tiny_model)
+    original = dict(tiny_model.unet.attn_processors)
+    expected = tiny_model.predict(latents, t, context)
+
+    controller = AttentionController(latent_size=(16, 16))
+    with controller.installed(tiny_model.unet):
+        controller.begin_call(0, slice(2, 4))
+        fused = tiny_model.predict(latents, t, context)
+    assert torch.equal(fused, expected)
+
+    # every layer's probabilities materialised and recorded: same output up to rounding
+    store = AttentionStore()
+    for downscale in (1, 2, 4, 8):
+        store.track(downscale=downscale, cross=True)
+        store.track(downscale=downscale, cross=False)
+    controller = AttentionController(store=store, latent_size=(16, 16))
+    with controller.installed(tiny_model.unet):
+        controller.begin_call(0, slice(2, 4))
+        materialised = tiny_model.predict(latents, t, context)
+    torch.testing.assert_close(materialised, expected, atol=1e-5, rtol=1e-4)
+    assert store.nbytes() > 0
+
+    # removing the controller restores the very same processor objects
+    restored = tiny_model.unet.attn_processors
+    assert all(restored[key] is original[key] for key in original)
+
+
+@torch.no_grad()
+def test_controller_layers_know_their_place_and_grid(tiny_model):
+    seen = {}
+
+    class Spy(AttentionStore):
+        def wants(self, layer):
+            seen[layer.name] = layer
+            return False
+
+    controller = AttentionController(store=Spy(), latent_size=(16, 16))
+    latents, t, context = unet_inputs(tiny_model)
+    with controller.installed(tiny_model.unet):
+        controller.begin_call(0, slice(2, 4))
+        tiny_model.predict(latents, t, context)
+    every_layer = {key.rsplit(".processor", 1)[0] for key in tiny_model.unet.attn_processors}
+    assert set(seen) == every_layer
+    places = {layer.place for layer in seen.values()}
+    assert places == {"down", "mid", "up"}
+    mid = [layer for layer in seen.values() if layer.place == "mid"]
+    assert {(layer.grid, layer.downscale) for layer in mid} == {((2, 2), 8)}
+    assert sum(layer.is_cross for layer in seen.values()) == len(seen) // 2
+    for name, layer in seen.items():
+        assert layer.is_cross == name.endswith("attn2")
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_replace_with_different_word_counts_is_a_clear_error(tiny_model):
+    with pytest.raises(OptionError, match=r"^replace: prompts: .*same number of words"):
+        run_edit(
+            tiny_model,
+            [SOURCE, "a painting of a big lion eating a burger"],
+            [Replace()],
+            settings=settings(),
+        )
+
+
+def test_word_not_in_prompt_is_a_clear_error(tiny_model):
+    with pytest.raises(OptionError, match=r"^local-blend: words: 'tiger' is not a word of"):
+        run_edit(
+            tiny_model,
+            [SOURCE, TARGET],
+            [Replace(), LocalBlend(words=["squirrel", "tiger"])],
+            settings=settings(),
+        )
+    with pytest.raises(OptionError, match=r"^reweight: weights: 'tiger' is not a word"):
+        run_edit(tiny_model, [SOURCE, TARGET], [Reweight({"tiger": 2.0})], settings=settings())
+    with pytest.raises(OptionError, match="one entry per prompt"):
+        run_edit(
+            tiny_model, [SOURCE, TARGET], [LocalBlend(words=["squirrel"])], settings=settings()
+        )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: LocalBlend(words=["a", "b"], threshold=1.5), "local-blend: threshold"),
+        (lambda: LocalBlend(words=["a", "b"], start_blend=-0.1), "local-blend: start_blend"),
+        (lambda: Reweight({"smiling": "lots"}), "reweight: weights"),
+        (lambda: Seed(-1), "seed: seed"),
+    ],
+)
+def test_out_of_range_options_are_clear_errors(make, message):
+    with pytest.raises(OptionError, match=f"^{message}"):
+        make()
+
+
+def test_bad_run_settings_are_clear_errors(tiny_model):
+    with pytest.raises(OptionError, match=r"^pipeline: self_replace_steps"):
+        run_edit(
+            tiny_model, [SOURCE, TARGET], [Replace()], settings=settings(self_replace_steps=2.0)
+        )
+    with pytest.raises(OptionError, match=r"^pipeline: height: must be a positive multiple of 8"):
+        run_edit(tiny_model, [SOURCE], [], settings=settings(height=100))
+    with pytest.raises(OptionError, match=r"^pipeline: steps"):
+        run_edit(tiny_model, [SOURCE], [], settings=settings(steps=0))
