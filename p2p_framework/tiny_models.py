@@ -34,9 +34,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 __all__ = [
     "BOS_TOKEN",
+    "CROSS_ATTENTION_OUT_GAIN",
+    "CROSS_ATTENTION_QK_GAIN",
     "DEFAULT_WORDS",
     "EOS_TOKEN",
     "END_OF_WORD",
+    "TEXT_HIDDEN_SIZE",
+    "UNET_ATTENTION_HEADS",
+    "UNET_BLOCK_OUT_CHANNELS",
+    "VAE_BLOCK_OUT_CHANNELS",
     "build_clip_tokenizer",
     "bytes_to_unicode",
     "save_tiny_pipeline",
@@ -311,6 +317,9 @@ def save_tiny_pipeline(
     cross-attention mid block and the mirrored up blocks), so cross-attention maps come at
     latent/1, /2, /4 and /8 like SD 1.x's 64, 32, 16 and 8; the VAE has 4 levels (scale
     factor 8); the text encoder is a 2-layer CLIP; the scheduler is SD's DDIM configuration.
+    The random query/key/output weights of the UNet's cross-attention layers are scaled up
+    (:data:`CROSS_ATTENTION_QK_GAIN`, :data:`CROSS_ATTENTION_OUT_GAIN`) so that cross-attention
+    maps are peaked rather than uniform and the prompt visibly changes the image.
 
     Args:
         save_dir: Folder to write the pipeline to (created if needed).

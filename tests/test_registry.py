@@ -16,6 +16,8 @@ from p2p_framework import (
     OptionError,
     PluginError,
     PluginRegistry,
+    Source,
+    SourceStart,
     hookimpl,
     run_edit,
 )
@@ -24,13 +26,14 @@ from p2p_framework.registry import LOAD_PLUGINS_ENV
 
 def test_builtins_are_listed_with_kind_package_and_options(registry):
     listed = {(p.kind, p.name): p for p in registry.plugins()}
-    assert set(listed) == {
+    assert set(listed) >= {
         ("edit", "replace"),
         ("edit", "refine"),
         ("edit", "reweight"),
         ("edit", "local-blend"),
         ("source", "seed"),
     }
+    assert all(p.package == "p2p-framework" for p in listed.values())
     blend = listed["edit", "local-blend"]
     assert blend.package == "p2p-framework" and blend.version == importlib.metadata.version(
         "p2p-framework"
@@ -39,7 +42,7 @@ def test_builtins_are_listed_with_kind_package_and_options(registry):
     assert options["threshold"].default == 0.3 and options["start_blend"].default == 0.2
     assert options["words"].required and options["words"].help
     assert {o.name: o.default for o in listed["source", "seed"].options} == {"seed": 8888}
-    assert [p.name for p in registry.plugins("source")] == ["seed"]
+    assert {p.kind for p in registry.plugins("source")} == {"source"}
     assert registry.errors == []
     as_dict = blend.as_dict()
     assert as_dict["kind"] == "edit" and as_dict["options"][1]["name"] == "threshold"
@@ -107,6 +110,47 @@ def test_third_party_plugin_registered_and_used(registry, tiny_model):
         registry.remove(name)
     with pytest.raises(PluginError, match="unknown edit plugin 'suppress-word'"):
         registry.get("edit", "suppress-word")
+
+
+@dataclass
+class FixedLatent(Source):
+    """Start from a given latent (here: scaled noise from a seed)."""
+
+    name = "fixed-latent"
+
+    seed: int = 3
+    scale: float = 0.5
+
+    def prepare(self, request):
+        generator = torch.Generator().manual_seed(self.seed)
+        latent = torch.randn(request.latent_shape, generator=generator) * self.scale
+        return SourceStart(latent=latent, info={"scale": self.scale})
+
+
+class SourcePlugin:
+    @hookimpl
+    def register_sources(self, register):
+        register(FixedLatent)
+
+
+def test_third_party_source_registered_and_used(registry, tiny_model, tiny_model_dir):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    registry.add(SourcePlugin(), name="fixed")
+    source = registry.build("source", "fixed-latent", {"scale": 0.7})
+    prompt = "a cat on a mountain"
+    result = run_edit(tiny_model, [prompt], source=source, settings=EditSettings(steps=4))
+    assert result.source_info == {"scale": 0.7}
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False
+    )
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 0.7
+    expected = pipe(prompt, num_inference_steps=4, latents=latent, output_type="latent").images
+    torch.testing.assert_close(result.latents, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_broken_plugin_is_reported_and_the_rest_work(registry):
@@ -202,7 +246,8 @@ def test_entry_points_load_and_broken_ones_are_reported(fake_entry_points):
 def test_environment_variable_narrows_or_disables_entry_points(fake_entry_points, monkeypatch):
     monkeypatch.setenv(LOAD_PLUGINS_ENV, "")
     registry = PluginRegistry()
-    assert registry.errors == [] and len(registry.plugins("edit")) == 4
+    builtins = PluginRegistry(entry_points=False).plugins()
+    assert registry.errors == [] and len(registry.plugins()) == len(builtins)
     monkeypatch.setenv(LOAD_PLUGINS_ENV, "good")
     registry = PluginRegistry()
     assert registry.errors == [] and registry.get("edit", "suppress-word")
