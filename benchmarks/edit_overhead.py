@@ -1,7 +1,7 @@
 """Cost of a Prompt-to-Prompt edit against diffusers' plain generation of the same prompts.
 
 Builds a Stable-Diffusion-shaped model with random weights whose UNet dominates the run time
-(SD 1.x block layout, ``--width`` channels at the first level), then times, each in a fresh
+(SD 1.x block layout at the ``--preset``'s width), then times, each in a fresh
 process so that peak memory (max RSS) is its own:
 
 - ``diffusers``: ``StableDiffusionPipeline`` generating the 2 prompts (UNet batch 4);
@@ -11,8 +11,9 @@ process so that peak memory (max RSS) is its own:
 Each at ``--steps`` and at twice as many steps, to show that memory does not grow with the
 step count. Prints a Markdown table.
 
-    python benchmarks/edit_overhead.py            # about 5 minutes on 2 CPU cores
-    python benchmarks/edit_overhead.py --quick    # a smoke run in seconds
+    python benchmarks/edit_overhead.py                    # minutes on 2 CPU cores
+    python benchmarks/edit_overhead.py --preset quick     # a smoke run in seconds
+    python benchmarks/edit_overhead.py --preset sd15 --device cuda --steps 50
 """
 
 from __future__ import annotations
@@ -29,19 +30,37 @@ from pathlib import Path
 
 import torch
 
+REPEATS = 3
 SOURCE = "a painting of a squirrel eating a burger"
 TARGET = "a painting of a lion eating a burger"
 
 
-def build_model(folder: Path, width: int, sample_size: int) -> None:
-    """A tiny-model pipeline folder whose UNet is replaced by a wider SD 1.x-shaped one."""
+PRESETS = {
+    # name: (UNet level-1 channels, latent size, text width); "sd15" is SD 1.5's UNet config
+    "quick": (32, 16, None),
+    "cpu": (96, 32, None),
+    "sd15": (320, 64, 768),
+}
+
+
+def build_model(folder: Path, preset: str) -> None:
+    """A tiny-model pipeline folder whose UNet (and text encoder) are replaced by larger ones
+    with random weights: the SD 1.x block layout at the preset's width."""
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from p2p_framework.tiny_models import save_tiny_pipeline
 
+    width, sample_size, text_width = PRESETS[preset]
     save_tiny_pipeline(folder, sample_size=sample_size)
-    config = UNet2DConditionModel.load_config(folder / "unet")
+    cross_dim = UNet2DConditionModel.load_config(folder / "unet")["cross_attention_dim"]
     torch.manual_seed(0)
+    if text_width is not None:
+        config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+        config.hidden_size, config.intermediate_size = text_width, 4 * text_width
+        config.num_attention_heads, config.projection_dim = 12, text_width
+        CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+        cross_dim = text_width
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -49,19 +68,19 @@ def build_model(folder: Path, width: int, sample_size: int) -> None:
         block_out_channels=(width, 2 * width, 4 * width, 4 * width),
         layers_per_block=2,
         attention_head_dim=8,
-        cross_attention_dim=config["cross_attention_dim"],
+        cross_attention_dim=cross_dim,
     )
     unet.save_pretrained(folder / "unet")
 
 
-def worker(kind: str, folder: str, steps: int, blend: bool) -> dict:
-    torch.set_num_threads(torch.get_num_threads())
+def worker(kind: str, folder: str, steps: int, blend: bool, device: str) -> dict:
+    dtype = torch.float16 if device == "cuda" else torch.float32
     if kind == "diffusers":
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(
-            folder, safety_checker=None, requires_safety_checker=False
-        )
+            folder, safety_checker=None, requires_safety_checker=False, dtype=dtype
+        ).to(device)
         pipe.scheduler = DDIMScheduler.from_config(
             pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False
         )
@@ -81,7 +100,7 @@ def worker(kind: str, folder: str, steps: int, blend: bool) -> dict:
         from p2p_framework.plugins.local_blend import LocalBlend
         from p2p_framework.plugins.replace import Replace
 
-        model = load_model(folder, device="cpu", dtype="float32")
+        model = load_model(folder, device=device, dtype=dtype)
         holder: dict = {}
 
         def run() -> None:
@@ -91,18 +110,28 @@ def worker(kind: str, folder: str, steps: int, blend: bool) -> dict:
             )
 
     run()  # warm-up: first-call allocations and lazy imports
-    began = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - began
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(REPEATS):
+        began = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
     if kind != "diffusers":
         store_bytes = holder["result"].attention_store.nbytes()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "peak_mb": peak_mb, "store_bytes": store_bytes}
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": min(times), "peak_mb": peak_mb, "store_bytes": store_bytes}
 
 
-def measure(kind: str, folder: Path, steps: int, blend: bool) -> dict:
+def measure(kind: str, folder: Path, steps: int, blend: bool, device: str) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--folder", str(folder)]
-    command += ["--steps", str(steps)] + (["--blend"] if blend else [])
+    command += ["--steps", str(steps), "--device", device] + (["--blend"] if blend else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -110,39 +139,53 @@ def measure(kind: str, folder: Path, steps: int, blend: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--width", type=int, default=96, help="UNet channels at level 1")
-    parser.add_argument("--sample-size", type=int, default=32, help="latent size (px / 8)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="model size: quick (smoke), cpu (default), sd15 (SD 1.5's UNet)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (float16)")
     parser.add_argument("--blend", action="store_true", help="add local blend to the edit")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args.steps, args.blend)))
+        print(json.dumps(worker(args.worker, args.folder, args.steps, args.blend, args.device)))
         return
-    if args.quick:
-        args.steps, args.width, args.sample_size = 4, 32, 16
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        build_model(folder, args.width, args.sample_size)
+        build_model(folder, args.preset)
         rows = []
         for steps in (args.steps, 2 * args.steps):
-            plain = measure("diffusers", folder, steps, args.blend)
-            edit = measure("edit", folder, steps, args.blend)
+            plain = measure("diffusers", folder, steps, args.blend, args.device)
+            edit = measure("edit", folder, steps, args.blend, args.device)
             rows.append((steps, plain, edit))
 
     edit_name = "replace + local blend" if args.blend else "replace"
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
-          f" torch {torch.__version__}; UNet width {args.width}, latent {args.sample_size}px,"
-          f" 2 prompts, guidance 7.5 (UNet batch 4)\n")
-    print(f"| steps | diffusers s | edit ({edit_name}) s | ratio | diffusers peak MB |"
-          " edit peak MB | attention store bytes |")
+    width, sample_size, _ = PRESETS[args.preset]
+    if args.device == "cuda":
+        where = f"{torch.cuda.get_device_name()}, float16"
+    else:
+        where = f"CPU {platform.machine()}, {torch.get_num_threads()} threads, float32"
+    print(
+        f"{where}; torch {torch.__version__}; preset {args.preset} (UNet width {width}, "
+        f"latent {sample_size}x{sample_size}); 2 prompts, guidance 7.5 (UNet batch 4); "
+        f"best of {REPEATS}\n"
+    )
+    memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
+    print(
+        f"| steps | diffusers s | edit ({edit_name}) s | ratio | diffusers {memory} |"
+        f" edit {memory} | attention store bytes |"
+    )
     print("|---|---|---|---|---|---|---|")
     for steps, plain, edit in rows:
-        print(f"| {steps} | {plain['seconds']:.2f} | {edit['seconds']:.2f} | "
-              f"{edit['seconds'] / plain['seconds']:.3f} | {plain['peak_mb']:.0f} | "
-              f"{edit['peak_mb']:.0f} | {edit['store_bytes']} |")
+        print(
+            f"| {steps} | {plain['seconds']:.2f} | {edit['seconds']:.2f} | "
+            f"{edit['seconds'] / plain['seconds']:.3f} | {plain['peak_mb']:.0f} | "
+            f"{edit['peak_mb']:.0f} | {edit['store_bytes']} |"
+        )
 
 
 if __name__ == "__main__":

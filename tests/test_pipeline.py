@@ -8,10 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from p2p_framework.plugins.local_blend import LocalBlend
-from p2p_framework.plugins.replace import Replace
-from p2p_framework.plugins.reweight import Reweight
-from p2p_framework.plugins.seed import Seed
 
 from p2p_framework import (
     AttentionController,
@@ -23,6 +19,10 @@ from p2p_framework import (
     load_model,
     run_edit,
 )
+from p2p_framework.plugins.local_blend import LocalBlend
+from p2p_framework.plugins.replace import Replace
+from p2p_framework.plugins.reweight import Reweight
+from p2p_framework.plugins.seed import Seed
 
 STEPS = 6
 SOURCE = "a painting of a squirrel eating a burger"
