@@ -23,12 +23,32 @@ SCHEDULERS = ("ddim", "model", "pndm", "euler", "euler-ancestral", "dpm-solver",
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto``: CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
+    """``auto``: CUDA, then MPS, then CPU; anything else is passed to ``torch.device``.
+
+    Raises:
+        OptionError: not a device, or one this machine does not have (``cuda`` without CUDA,
+            ``cuda:7`` with fewer GPUs, ``mps`` off a Mac).
+    """
     if device != "auto":
         try:
-            return torch.device(device)
+            chosen = torch.device(device)
         except RuntimeError as error:
             raise OptionError("pipeline", "device", str(error)) from None
+        if chosen.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise OptionError("pipeline", "device", f"{device!r}: CUDA is not available here")
+            if chosen.index is not None and chosen.index >= count:
+                raise OptionError(
+                    "pipeline",
+                    "device",
+                    f"{device!r}: there is no CUDA device {chosen.index} (found {count})",
+                )
+        elif chosen.type == "mps":
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise OptionError("pipeline", "device", f"{device!r}: MPS is not available here")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -134,7 +134,9 @@ def _parse(annotation: Any, text: str) -> Any:  # noqa: C901 - one branch per ki
         raise _expected(annotation, text)
     if origin is Literal:
         for choice in args:
-            if str(choice) == stripped or (not isinstance(choice, str) and _safe(stripped) == choice):
+            if str(choice) == stripped or (
+                not isinstance(choice, str) and _safe(stripped) == choice
+            ):
                 return choice
         raise ValueError(f"expected one of {', '.join(map(str, args))}, got {text!r}")
     if annotation is NoneType:
@@ -171,7 +173,9 @@ def _parse(annotation: Any, text: str) -> Any:  # noqa: C901 - one branch per ki
             except ValueError as error:
                 raise ValueError(f"bad JSON list {text!r}: {error}") from None
             return _coerce(annotation, items)
-        items = [_parse(_item_type(annotation, i), part) for i, part in enumerate(_split_items(text))]
+        items = [
+            _parse(_item_type(annotation, i), part) for i, part in enumerate(_split_items(text))
+        ]
         return tuple(items) if origin is tuple else items
     if origin in _MAPPINGS or annotation in _MAPPINGS:
         if stripped.startswith("{"):

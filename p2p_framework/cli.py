@@ -1,0 +1,917 @@
+"""``p2p-run``: the command line, a thin layer over :mod:`p2p_framework.jobs` and
+:mod:`p2p_framework.outputs`.
+
+Results (written paths, or JSON with ``--json``) go to stdout; logs, warnings and the progress
+bar to stderr. Bad input ends with a one-line ``Error: ...`` and exit status 2 (``--debug``
+adds the traceback); a pipeline with a failed job exits with 1. See ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import P2PError
+from .jobs import MODEL_ENV
+from .model import SCHEDULERS
+
+#: Exit status of bad input (an unknown plugin, a bad value, a missing file...).
+EXIT_USAGE = 2
+#: Exit status of a pipeline with failed jobs, and of an internal error.
+EXIT_FAILED = 1
+#: Exit status after Ctrl-C.
+EXIT_INTERRUPTED = 130
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class _State:
+    """Per-invocation flags the error handler needs (set before parsing, from argv)."""
+
+    quiet = False
+    debug = False
+
+
+_state = _State()
+
+
+def _log(message: str) -> None:
+    if not _state.quiet:
+        click.echo(message, err=True)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
+def _quiet_libraries() -> None:
+    """Silence the loading bars and warnings of diffusers and transformers (not with --debug)."""
+    if _state.debug:
+        return
+    with contextlib.suppress(Exception):
+        import diffusers.utils.logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        import transformers.utils.logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class P2PGroup(click.Group):
+    """The ``p2p-run`` group: one-line errors and exit statuses for every command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["p2p.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        _state.debug = "--debug" in args
+        _state.quiet = "--quiet" in args or "-q" in args
+        try:
+            result = super().main(
+                args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
+            )
+            code = result if isinstance(result, int) else 0
+        except click.exceptions.NoArgsIsHelpError as error:
+            click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
+            code = EXIT_USAGE
+        except click.ClickException as error:
+            message = error.format_message()
+            ctx = getattr(error, "ctx", None)
+            if isinstance(error, click.UsageError) and ctx is not None:
+                message += f" (see '{ctx.command_path} --help')"
+            click.echo(f"Error: {message}", err=True)
+            code = error.exit_code
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("Interrupted; no half-written file was left.", err=True)
+            code = EXIT_INTERRUPTED
+        except P2PError as error:
+            if _state.debug:
+                traceback.print_exc()
+            click.echo(f"Error: {_one_line(str(error))}", err=True)
+            code = EXIT_USAGE
+        except OSError as error:
+            if _state.debug:
+                traceback.print_exc()
+            where = f" ({error.filename})" if error.filename else ""
+            click.echo(f"Error: {error.strerror or error}{where}", err=True)
+            code = EXIT_USAGE
+        except Exception as error:  # a bug: say so in one line, --debug shows where
+            if _state.debug:
+                traceback.print_exc()
+            hint = "" if _state.debug else " (run with --debug for the traceback)"
+            click.echo(
+                f"Error: internal error: {type(error).__name__}: {_one_line(str(error))}{hint}",
+                err=True,
+            )
+            code = EXIT_FAILED
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# -- shared options ---------------------------------------------------------------------------
+
+
+def _verbosity(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--debug", is_flag=True, help="Show tracebacks and the libraries' own logs."
+    )(func)
+    func = click.option(
+        "-q", "--quiet", is_flag=True, help="No progress bar and no logs on stderr; errors only."
+    )(func)
+    return func
+
+
+def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--model",
+            envvar=MODEL_ENV,
+            show_envvar=True,
+            metavar="ID|DIR",
+            help=(
+                "Hugging Face hub id or local diffusers folder (Stable Diffusion 1.x/2.x). "
+                f"Default: ${MODEL_ENV}. E.g. --model CompVis/stable-diffusion-v1-4"
+            ),
+        ),
+        click.option(
+            "--revision",
+            metavar="REV",
+            help="Hub revision (branch, tag or commit) of --model. Default: main. "
+            "E.g. --revision fp16",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="Torch device; auto picks cuda, then mps, then cpu. E.g. --device cuda:1",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(DTYPES),
+            default="auto",
+            show_default=True,
+            help="Weights' precision; auto is float16 on a GPU, float32 on the CPU "
+            "(half precision needs a GPU). E.g. --dtype float32",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--source",
+            metavar="NAME",
+            help="Source plugin giving the starting latent (see `p2p-run plugins --kind "
+            "source`). Default: seed; with --image null-text; with --inversion the method it "
+            "was made with. E.g. --source negative-prompt --set negative-prompt.image=cat.jpg",
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            help="Seed of the initial noise: shortcut for --set SOURCE.seed=N. "
+            "Default: the source's own (8888 for seed). E.g. --seed 42",
+        ),
+        click.option(
+            "--set",
+            "assignments",
+            multiple=True,
+            metavar="PLUGIN.KEY=VALUE",
+            help="Set any plugin option, read by its type (int, float, bool, list as a,b or "
+            "'a b', dict as a=1,b=2, JSON too); `pipeline.KEY` sets a run setting. "
+            "Repeatable. E.g. --set local-blend.threshold=0.4",
+        ),
+        click.option(
+            "--steps", type=int, default=50, show_default=True, help="Diffusion steps. E.g. 25"
+        ),
+        click.option(
+            "--guidance",
+            type=float,
+            default=7.5,
+            show_default=True,
+            help="Classifier-free guidance scale; 1 or less turns it off. E.g. --guidance 5",
+        ),
+        click.option(
+            "--height",
+            type=int,
+            help="Image height in pixels, a multiple of 8. Default: the model's size "
+            "(512 for SD 1.x). E.g. --height 768",
+        ),
+        click.option(
+            "--width",
+            type=int,
+            help="Image width in pixels, a multiple of 8. Default: the model's size. "
+            "E.g. --width 768",
+        ),
+        click.option(
+            "--scheduler",
+            type=click.Choice(SCHEDULERS),
+            default="ddim",
+            show_default=True,
+            help="Sampler; ddim as in the papers, `model` for the model's own. "
+            "E.g. --scheduler dpm-solver",
+        ),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Output folder (created). Default: a new p2p-out/MODE-DATE-TIME. "
+            "E.g. --out out/lion",
+        ),
+        click.option(
+            "--save-attention",
+            is_flag=True,
+            help="Also write attention.png: each prompt's per-token cross-attention maps.",
+        ),
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print the run record (run.json) on stdout instead of the written paths.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _registry() -> Any:
+    from .registry import PluginRegistry, get_registry
+
+    obj = click.get_current_context().find_root().obj
+    return obj if isinstance(obj, PluginRegistry) else get_registry()
+
+
+def _argv() -> list[str]:
+    root = click.get_current_context().find_root()
+    return ["p2p-run", *root.meta.get("p2p.argv", [])]
+
+
+def _default_out(mode: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("p2p-out") / f"{mode}-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int, dict[str, Any]], None] | None]:
+    """A progress bar over diffusion steps on stderr, only on a terminal and without --quiet.
+
+    The bar opens at the first step (after the model is loaded and the source prepared) and
+    is closed on the way out, also on errors.
+    """
+    if _state.quiet or not sys.stderr.isatty():
+        yield None
+        return
+    bars: list[Any] = []
+
+    def update(done: int, total: int, info: dict[str, Any]) -> None:
+        if not bars:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True)
+            bars.append(bar.__enter__())
+        bars[0].update(done - bars[0].pos)
+
+    try:
+        yield update
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)
+
+
+def _warn_broken_plugins(registry: Any) -> None:
+    errors = registry.errors
+    if errors and not _state.quiet:
+        _warn(f"{len(errors)} plugin(s) failed to load; see `p2p-run plugins`")
+
+
+def _describe(spec: Any) -> str:
+    edits = ", ".join(e.name for e in spec.edits) or "none"
+    return (
+        f"{len(spec.prompts)} prompt(s), source {spec.source.name}, edits {edits}, "
+        f"{spec.settings['steps']} steps"
+    )
+
+
+def _load_model(name: str, **kwargs: Any) -> Any:
+    from .model import load_model
+    from .outputs import dtype_name
+
+    _log(f"Loading model {name}")
+    began = time.perf_counter()
+    model = load_model(name, **kwargs)
+    seconds = time.perf_counter() - began
+    _log(f"Loaded in {seconds:.1f} s on {model.device} ({dtype_name(model.dtype)})")
+    return model
+
+
+def _execute(spec: Any, out: Path | None, as_json: bool) -> None:
+    from .jobs import ModelCache, model_from_env, run_job
+
+    _quiet_libraries()
+    registry = _registry()
+    _warn_broken_plugins(registry)
+    out = out if out is not None else _default_out(spec.mode)
+    model_name = model_from_env(spec.model)
+
+    def loader(name: str, **kwargs: Any) -> Any:
+        return _load_model(name, **kwargs)
+
+    spec.model = model_name
+    _log(f"Running {spec.mode}: {_describe(spec)}")
+    with _progress(spec.mode) as progress:
+        record, paths = run_job(
+            spec,
+            out,
+            registry=registry,
+            models=ModelCache(loader),
+            progress=progress,
+            command=_argv(),
+            warn=_warn,
+        )
+    _log(f"Wrote {len(paths)} files to {out} in {record['timings'].get('total', 0):.1f} s")
+    if as_json:
+        click.echo(json.dumps(record, ensure_ascii=False))
+    else:
+        for path in paths:
+            click.echo(str(path))
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+@click.group(
+    "p2p-run",
+    cls=P2PGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(package_name="p2p-framework", prog_name="p2p-run")
+def cli() -> None:
+    """Prompt-to-Prompt image editing on diffusers models, from the command line.
+
+    \b
+    Examples:
+      p2p-run edit --model CompVis/stable-diffusion-v1-4 \\
+          --prompt "a painting of a squirrel eating a burger" \\
+          --target "a painting of a lion eating a burger" \\
+          --cross-replace default=1.0,lion=0.4 --blend "squirrel lion" --out out/lion
+      p2p-run generate --prompt "a cat on a mat" --seed 1
+      p2p-run invert --image cat.jpg --prompt "a cat sitting next to a mirror" \\
+          --out cat.p2pinv
+      p2p-run plugins
+      p2p-run run jobs.toml --json
+
+    Exit status: 0 success, 1 failed pipeline job or internal error, 2 bad input,
+    130 interrupted.
+    """
+
+
+@cli.command("edit")
+@click.option(
+    "--prompt",
+    required=True,
+    metavar="TEXT",
+    help='Source prompt (image 0). E.g. --prompt "a cat sitting next to a mirror"',
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="TEXT",
+    help="Target prompt, an edit of the source; repeatable (one image each). "
+    'E.g. --target "a tiger sitting next to a mirror"',
+)
+@click.option(
+    "--edit",
+    "edits",
+    multiple=True,
+    metavar="NAME",
+    help="Edit plugin; repeatable, applied in order. Default: replace when every target has "
+    "the source's word count, else refine. E.g. --edit refine --edit reweight",
+)
+@click.option(
+    "--cross-replace",
+    metavar="S|A:B|WORD=S,...",
+    help="When cross-attention is injected, as a fraction of the steps: 0.8 means 0:0.8; "
+    "per word with `default` for the rest. Default: 0.8. E.g. --cross-replace "
+    "default=1.0,lion=0.4",
+)
+@click.option(
+    "--self-replace",
+    metavar="S|A:B",
+    help="Fraction (or range a:b) of the steps in which targets take the source's "
+    "self-attention. Default: 0.4. E.g. --self-replace 0.5",
+)
+@click.option(
+    "--blend",
+    metavar="WORDS",
+    help="Local blend: one word per prompt, source first (shortcut for --set "
+    'local-blend.words=...; adds local-blend to the edits). E.g. --blend "squirrel lion"',
+)
+@click.option(
+    "--reweight",
+    multiple=True,
+    metavar="WORD=FACTOR",
+    help="Scale a word's attention in the targets (shortcut for reweight.weights; adds "
+    "reweight to the edits); repeatable. E.g. --reweight smiling=5",
+)
+@click.option(
+    "--image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Real photo to edit: shortcut for --set SOURCE.image=PATH (source null-text unless "
+    "--source says otherwise; --prompt describes the photo). E.g. --image cat.jpg",
+)
+@click.option(
+    "--inversion",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Saved inversion (from `p2p-run invert`) to edit: shortcut for --set "
+    "SOURCE.inversion=PATH. E.g. --inversion cat.p2pinv",
+)
+@_run_options
+@_model_options
+@_verbosity
+def edit_command(
+    prompt: str,
+    targets: tuple[str, ...],
+    edits: tuple[str, ...],
+    cross_replace: str | None,
+    self_replace: str | None,
+    blend: str | None,
+    reweight: tuple[str, ...],
+    image: Path | None,
+    inversion: Path | None,
+    **options: Any,
+) -> None:
+    """Edit an image by editing its prompt (Prompt-to-Prompt).
+
+    Writes source.png, target-1.png ..., grid.png (all side by side, captioned), with
+    --save-attention attention.png, and run.json (everything needed to rerun it).
+
+    \b
+    Examples:
+      p2p-run edit --prompt "a painting of a squirrel eating a burger" \\
+          --target "a painting of a lion eating a burger" --blend "squirrel lion"
+      p2p-run edit --prompt "a smiling bunny doll" --target "a smiling bunny doll" \\
+          --reweight smiling=5
+      p2p-run edit --prompt soup --target "pea soup with croutons" \\
+          --edit refine --reweight croutons=3
+      p2p-run edit --image cat.jpg --prompt "a cat sitting next to a mirror" \\
+          --target "a tiger sitting next to a mirror" --self-replace 0.5 \\
+          --blend "cat tiger" --reweight tiger=2
+    """
+    from .jobs import job_from_options
+
+    spec = job_from_options(
+        {
+            "mode": "edit",
+            "prompt": prompt,
+            "targets": list(targets),
+            "edits": list(edits),
+            "cross_replace": cross_replace,
+            "self_replace": self_replace,
+            "blend": blend,
+            "reweight": list(reweight) or None,
+            "image": image,
+            "inversion": inversion,
+            **_common(options),
+        },
+        _registry(),
+    )
+    _execute(spec, options["out"], options["as_json"])
+
+
+def _common(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": options["model"],
+        "revision": options["revision"],
+        "device": options["device"],
+        "dtype": options["dtype"],
+        "source": options["source"],
+        "seed": options["seed"],
+        "set": list(options["assignments"]),
+        "steps": options["steps"],
+        "guidance": options["guidance"],
+        "height": options["height"],
+        "width": options["width"],
+        "scheduler": options["scheduler"],
+        "save_attention": options["save_attention"],
+    }
+
+
+@cli.command("generate")
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    required=True,
+    metavar="TEXT",
+    help="Prompt; repeatable, one image each, all from the same starting noise. "
+    'E.g. --prompt "a cat on a mat"',
+)
+@_run_options
+@_model_options
+@_verbosity
+def generate_command(prompts: tuple[str, ...], **options: Any) -> None:
+    """Generate images without editing (same loading and seeding as `edit`).
+
+    Writes image-1.png ..., grid.png when there are several prompts, and run.json. Each image
+    is what the model makes for that prompt and seed on its own.
+
+    \b
+    Example:
+      p2p-run generate --prompt "a cat on a mat" --prompt "a dog on a mat" --seed 1
+    """
+    from .jobs import job_from_options
+
+    spec = job_from_options(
+        {"mode": "generate", "prompts": list(prompts), **_common(options)}, _registry()
+    )
+    _execute(spec, options["out"], options["as_json"])
+
+
+@cli.command("rerun")
+@click.argument("record", type=click.Path(path_type=Path), metavar="RUN.JSON")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder. Default: a new p2p-out/MODE-DATE-TIME. E.g. --out out/again",
+)
+@click.option(
+    "--model",
+    metavar="ID|DIR",
+    help="Use this model instead of the recorded one (e.g. the folder moved). "
+    "E.g. --model ./models/sd14",
+)
+@click.option("--device", help="Torch device. Default: the recorded one. E.g. --device cpu")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    help="Precision. Default: the recorded one. E.g. --dtype float32",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the new run record instead of the paths."
+)
+@_verbosity
+def rerun_command(
+    record: Path,
+    out: Path | None,
+    model: str | None,
+    device: str | None,
+    dtype: str | None,
+    as_json: bool,
+    **_: Any,
+) -> None:
+    """Run again what a run.json records: same model, prompts, plugins, options and settings.
+
+    On the same machine, device and library versions the images are identical, byte for byte.
+    RUN.JSON may also be the folder that holds it.
+
+    \b
+    Example:
+      p2p-run rerun out/lion/run.json --out out/lion-again
+    """
+    from .jobs import job_from_record, read_record
+
+    path = record / "run.json" if record.is_dir() else record
+    spec = job_from_record(read_record(path))
+    if model:
+        spec.model, spec.revision, spec.identity = model, None, None
+    spec.device = device or spec.device
+    spec.dtype = dtype or spec.dtype
+    _execute(spec, out, as_json)
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of text.")
+@click.option(
+    "--kind",
+    type=click.Choice(["edit", "source"]),
+    help="List only edits or only sources. Default: both. E.g. --kind source",
+)
+@_verbosity
+def plugins_command(as_json: bool, kind: str | None, **_: Any) -> None:
+    """List every plugin: kind, package, version and options (name, type, default, help).
+
+    Plugins that failed to load are reported as warnings on stderr.
+
+    \b
+    Example:
+      p2p-run plugins --kind edit
+    """
+    from .values import json_ready, option_types, type_text
+
+    registry = _registry()
+    infos = registry.plugins(kind)
+    for error in registry.errors:
+        _warn(str(error))
+    if as_json:
+        click.echo(json.dumps([json_ready(info.as_dict()) for info in infos], indent=2))
+        return
+    for info in infos:
+        types = option_types(info.plugin_class)
+        click.echo(f"{info.name} ({info.kind}) from {info.package} {info.version}")
+        if info.summary:
+            click.echo(f"    {info.summary}")
+        for option in info.options:
+            default = "required" if option.required else f"default {option.default!r}"
+            kind = type_text(types[option.name]) if option.name in types else option.type
+            click.echo(f"    --set {info.name}.{option.name}: {kind}, {default}")
+            if option.help:
+                click.echo(f"        {option.help}")
+
+
+@cli.command("run")
+@click.argument("pipeline_file", type=click.Path(path_type=Path), metavar="PIPELINE.toml")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the jobs' folders (OUT/JOB-NAME) of jobs without their own `out`. "
+    "Default: the file's `out`, else p2p-out/FILE-STEM. E.g. --out out/batch",
+)
+@click.option(
+    "--model",
+    metavar="ID|DIR",
+    help="Model for jobs that name none (instead of the file's `model`). "
+    f"Default: the file's, else ${MODEL_ENV}. E.g. --model ./models/sd14",
+)
+@click.option(
+    "--device",
+    help="Torch device for jobs that name none. Default: the file's, else auto. E.g. --device cuda",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    help="Precision for jobs that name none. Default: the file's, else auto. E.g. --dtype float16",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object per job on stdout (its run record, or its error).",
+)
+@_verbosity
+def run_command(
+    pipeline_file: Path,
+    out: Path | None,
+    model: str | None,
+    device: str | None,
+    dtype: str | None,
+    as_json: bool,
+    **_: Any,
+) -> None:
+    """Run the jobs of a pipeline file (TOML), loading each model once.
+
+    A failing job is reported and the others still run; the exit status is 1 if any failed.
+    The format is in docs/cli.md.
+
+    \b
+    Example file:
+      model = "CompVis/stable-diffusion-v1-4"
+      [defaults]
+      steps = 50
+      [[jobs]]
+      name = "lion"
+      prompt = "a painting of a squirrel eating a burger"
+      targets = ["a painting of a lion eating a burger"]
+      cross_replace = { default = 1.0, lion = 0.4 }
+      blend = "squirrel lion"
+
+    \b
+    Example:
+      p2p-run run jobs.toml --out out/batch --json
+    """
+    from .jobs import JobOutcome, ModelCache, load_pipeline, run_pipeline
+
+    _quiet_libraries()
+    registry = _registry()
+    _warn_broken_plugins(registry)
+    pipeline = load_pipeline(pipeline_file)
+
+    def loader(name: str, **kwargs: Any) -> Any:
+        return _load_model(name, **kwargs)
+
+    bars = contextlib.ExitStack()
+
+    def on_start(index: int, total: int, name: str) -> None:
+        bars.close()
+        _log(f"[{index + 1}/{total}] {name}")
+
+    def progress(name: str) -> Callable[[int, int, dict[str, Any]], None] | None:
+        return bars.enter_context(_progress(name))
+
+    def on_done(outcome: JobOutcome) -> None:
+        bars.close()
+        if outcome.ok:
+            _log(f"    done: {len(outcome.paths)} files in {outcome.out}")
+        else:
+            click.echo(
+                f"Error: job {outcome.name!r} failed: {_one_line(outcome.error or '')}", err=True
+            )
+        if as_json:
+            click.echo(json.dumps(outcome.as_line(), ensure_ascii=False))
+        elif outcome.ok:
+            for path in outcome.paths:
+                click.echo(str(path))
+
+    with bars:
+        outcomes = run_pipeline(
+            pipeline,
+            registry=registry,
+            overrides={"model": model, "device": device, "dtype": dtype},
+            out_root=out,
+            models=ModelCache(loader),
+            on_start=on_start,
+            on_done=on_done,
+            progress=progress,
+            command=_argv(),
+            warn=_warn,
+        )
+    failed = [o.name for o in outcomes if not o.ok]
+    _log(f"{len(outcomes) - len(failed)} of {len(outcomes)} job(s) succeeded")
+    if failed:
+        click.get_current_context().exit(EXIT_FAILED)
+
+
+@cli.command("invert")
+@click.option(
+    "--image",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The photo to invert. E.g. --image cat.jpg",
+)
+@click.option(
+    "--prompt",
+    required=True,
+    metavar="TEXT",
+    help="What the photo shows: the source prompt of the edits to come. "
+    'E.g. --prompt "a cat sitting next to a mirror"',
+)
+@click.option(
+    "--method",
+    default="null-text",
+    show_default=True,
+    metavar="NAME",
+    help="Inversion method: null-text (the paper's, slow), negative-prompt (fast), direct "
+    "or ddim. E.g. --method negative-prompt",
+)
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="METHOD.KEY=VALUE",
+    help="A method option, read by its type; repeatable. E.g. --set null-text.num_inner_steps=5",
+)
+@click.option(
+    "--crop",
+    metavar="L,R,T,B",
+    help="Pixels to cut off the photo's left, right, top and bottom edges first. "
+    "E.g. --crop 0,0,100,0",
+)
+@click.option(
+    "--steps",
+    type=int,
+    default=50,
+    show_default=True,
+    help="Diffusion steps; the edits must use the same. E.g. --steps 50",
+)
+@click.option(
+    "--guidance",
+    type=float,
+    default=7.5,
+    show_default=True,
+    help="Guidance scale of the edits to come (null-text optimises for it). E.g. --guidance 7.5",
+)
+@click.option(
+    "--height",
+    type=int,
+    help="Height in pixels. Default: the model's size. E.g. --height 512",
+)
+@click.option(
+    "--width", type=int, help="Width in pixels. Default: the model's size. E.g. --width 512"
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The .p2pinv file to write (atomically). Default: IMAGE-STEM.METHOD.p2pinv in the "
+    "current folder. E.g. --out cat.p2pinv",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the inversion's summary as JSON instead of the path.",
+)
+@_model_options
+@_verbosity
+def invert_command(
+    image: Path,
+    prompt: str,
+    method: str,
+    assignments: tuple[str, ...],
+    crop: str | None,
+    steps: int,
+    guidance: float,
+    height: int | None,
+    width: int | None,
+    out: Path | None,
+    as_json: bool,
+    model: str | None,
+    revision: str | None,
+    device: str,
+    dtype: str,
+    **_: Any,
+) -> None:
+    """Invert a real photo once, to edit it many times with `edit --inversion FILE`.
+
+    \b
+    Example:
+      p2p-run invert --image cat.jpg --prompt "a cat sitting next to a mirror" --out cat.p2pinv
+      p2p-run edit --inversion cat.p2pinv --prompt "a cat sitting next to a mirror" \\
+          --target "a tiger sitting next to a mirror" --blend "cat tiger"
+    """
+    from .inversion import METHODS, invert
+    from .jobs import JobError, model_from_env, parse_assignments
+    from .values import option_types, parse_option
+
+    _quiet_libraries()
+    if method not in METHODS:
+        raise JobError(f"unknown inversion method {method!r}; choose from {', '.join(METHODS)}")
+    types = option_types(METHODS[method].options)
+    options: dict[str, Any] = {}
+    for plugin, key, value in parse_assignments(list(assignments)):
+        if plugin != method:
+            raise JobError(f"--set {plugin}.{key}: this inversion uses method {method!r}")
+        if key not in types:
+            listed = ", ".join(types) or "none"
+            raise JobError(f"--set {plugin}.{key}: unknown option; {method} accepts: {listed}")
+        options[key] = parse_option(method, key, types[key], value)
+    out = out if out is not None else Path(f"{image.stem}.{method}.p2pinv")
+    from .outputs import prepare_output_dir
+
+    prepare_output_dir(out.parent if str(out.parent) else Path("."))
+    loaded = _load_model(model_from_env(model), device=device, dtype=dtype, revision=revision)
+    _log(f"Inverting {image} with {method}, {steps} steps")
+    with _progress(method) as progress:
+        inversion = invert(
+            loaded,
+            image,
+            prompt,
+            method,
+            num_steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            crop=crop,
+            progress=progress,
+            **options,
+        )
+    path = inversion.save(out)
+    _log(f"Wrote {path} in {inversion.stats.get('seconds', 0):.1f} s")
+    if as_json:
+        click.echo(json.dumps({"path": str(path), **inversion.summary()}, ensure_ascii=False))
+    else:
+        click.echo(str(path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point of ``p2p-run``."""
+    cli.main(args=argv, prog_name="p2p-run")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
