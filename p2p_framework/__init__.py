@@ -20,6 +20,7 @@ from .errors import ModelLoadError, OptionError, P2PError, PluginError, PromptEr
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
 from .options import OptionInfo, Plugin
+from .outputs import attention_image, grid_image
 from .pipeline import EditResult, EditSettings, run_edit
 from .registry import PluginInfo, PluginRegistry, get_registry
 from .source import Source, SourceRequest, SourceStart
@@ -49,7 +50,9 @@ __all__ = [
     "SourceRequest",
     "SourceStart",
     "StableDiffusionModel",
+    "attention_image",
     "get_registry",
+    "grid_image",
     "hookimpl",
     "load_model",
     "run_edit",

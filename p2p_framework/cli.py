@@ -299,19 +299,28 @@ def _progress(label: str) -> Iterator[Callable[[int, int, dict[str, Any]], None]
     if _state.quiet or not sys.stderr.isatty():
         yield None
         return
-    bars: list[Any] = []
+    bars: list[tuple[str, Any]] = []
 
     def update(done: int, total: int, info: dict[str, Any]) -> None:
-        if not bars:
-            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True)
-            bars.append(bar.__enter__())
-        bars[0].update(done - bars[0].pos)
+        # One bar per phase: the source's work (e.g. an inversion), then the denoising steps.
+        phase = str(info.get("phase", "denoise"))
+        if not bars or bars[-1][0] != phase:
+            if bars:
+                bars[-1][1].__exit__(None, None, None)
+            bar = click.progressbar(
+                length=total, label=f"{label}: {phase}", file=sys.stderr, show_eta=True
+            )
+            bars.append((phase, bar.__enter__()))
+        bar = bars[-1][1]
+        if "loss" in info:
+            bar.label = f"{label}: {phase} (loss {float(info['loss']):.2e})"
+        bar.update(done - bar.pos)
 
     try:
         yield update
     finally:
         if bars:
-            bars[0].__exit__(None, None, None)
+            bars[-1][1].__exit__(None, None, None)
 
 
 def _warn_broken_plugins(registry: Any) -> None:

@@ -19,7 +19,8 @@ class Plugin:
 
     def options(self) -> dict[str, Any]:
         """This plugin's options as plain values, for the run record."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        return {f.name: getattr(self, f.name) for f in fields if f.init}
 
 
 @dataclass(frozen=True)

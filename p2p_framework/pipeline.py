@@ -146,7 +146,9 @@ def run_edit(
         edits: edit plugin objects, applied in order (e.g. refine then reweight).
         source: where the starting latent comes from; default ``Seed()`` (seed 8888).
         settings: run settings; default :class:`EditSettings`.
-        progress: called as ``progress(step + 1, steps, {})`` after each denoising step.
+        progress: called as ``progress(done, total, info)``: by the source during its own
+            work (``info["phase"] == "source"``, e.g. an inversion, with its ``loss``), then
+            after each denoising step (``info["phase"] == "denoise"``).
 
     Returns:
         An :class:`EditResult`; ``images[0]`` is the source, ``images[i]`` target ``i``.
@@ -192,8 +194,16 @@ def run_edit(
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
+    source_progress = None
+    if progress is not None:
+
+        def source_progress(done: int, total: int, info: dict[str, Any]) -> None:
+            progress(done, total, {**info, "phase": "source"})
+
     start: SourceStart = source.prepare(
-        SourceRequest(model, scheduler, prompts, steps, settings.guidance, height, width)
+        SourceRequest(
+            model, scheduler, prompts, steps, settings.guidance, height, width, source_progress
+        )
     )
     timings["source"] = time.perf_counter() - began
 
@@ -254,5 +264,5 @@ def _denoise(
             for edit in edits:
                 latents = edit.after_step(latents, step, run)
             if progress is not None:
-                progress(step + 1, len(timesteps), {})
+                progress(step + 1, len(timesteps), {"phase": "denoise"})
     return latents

@@ -194,6 +194,30 @@ def test_attention_store_maps_sum_to_one_over_tokens(tiny_model):
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 4))
 
 
+def test_attention_image_shows_each_token_of_each_prompt(tiny_model):
+    from PIL import Image
+
+    from p2p_framework import attention_image
+
+    prompts = ["a cat", "a big cat"]
+    result = run_edit(tiny_model, prompts, [], settings=settings(attention_maps=True))
+    sheet = np.asarray(attention_image(result, tiny_model, cell_size=32))
+    # the longest prompt has 5 tokens (start, a, big, cat, end): 5 cells of 32 px, 2 px apart
+    assert sheet.shape[1] == 5 * 32 + 4 * 2
+    maps = result.attention_store.average(downscale=4)
+    for prompt, tokens in ((0, 4), (1, 5)):
+        for token in range(tokens):
+            plane = maps[prompt, :, :, token]
+            plane = (plane / plane.max() * 255).round().to(torch.uint8).numpy()
+            cell = Image.fromarray(plane, mode="L").convert("RGB")
+            expected = np.asarray(cell.resize((32, 32), Image.Resampling.BICUBIC))
+            column = sheet[:, token * 34 : token * 34 + 32]
+            rows = [
+                y for y in range(len(column) - 31) if np.array_equal(column[y : y + 32], expected)
+            ]
+            assert rows, f"map of token {token} of prompt {prompt} not found"
+
+
 def test_v_prediction_model_matches_diffusers_non_square(tiny_vpred_model_dir):
     model = load_model(tiny_vpred_model_dir, device="cpu", dtype="float32")
     assert model.prediction_type == "v_prediction"
