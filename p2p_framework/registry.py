@@ -36,6 +36,7 @@ BUILTIN_MODULES = (
     "p2p_framework.plugins.refine",
     "p2p_framework.plugins.reweight",
     "p2p_framework.plugins.local_blend",
+    "p2p_framework.plugins.inversion_sources",
 )
 KINDS = {"edit": (Edit, "register_edits"), "source": (Source, "register_sources")}
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")

@@ -1,0 +1,325 @@
+"""Benchmark of the inversion methods: time, UNet work and reconstruction quality.
+
+For each method (and each null-text speed-up) it inverts one photo, runs the editing loop
+with the source prompt alone, decodes the result and compares it with the input:
+
+- ``seconds``: wall time of the inversion (``Inversion.stats["seconds"]``);
+- ``calls`` / ``fwd`` / ``bwd``: UNet calls, latent rows evaluated, rows back-propagated;
+- ``inner``: mean Adam steps per diffusion step (null-text);
+- ``PSNR in``: decoded reconstruction vs the input image, in dB;
+- ``PSNR vae``: decoded reconstruction vs the VAE round trip ``decode(encode(image))``, i.e.
+  the inversion's own error (the VAE round trip vs the input is the bound for ``PSNR in``);
+- ``lat err``: ``|z_rec - z_0| / |z_0|`` in latent space.
+
+By default it builds the tiny random model of :mod:`p2p_framework.tiny_models` and scales its
+UNet's output layer by ``--unet-output-scale`` (0.05): the random UNet is far from smooth in
+its input and DDIM's ODE is unstable on it, which no inversion can fix; a real model needs no
+scaling (``--model PATH`` uses 1). Absolute PSNRs of a random VAE mean nothing; compare rows.
+
+Usage::
+
+    python benchmarks/inversion.py                       # tiny model, 50 steps, CPU
+    python benchmarks/inversion.py --model PATH --image cat.jpg --prompt "a cat ..."
+    python benchmarks/inversion.py --write docs/benchmarks.md   # replace the "Inversion" section
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from p2p_framework import EditSettings, load_model, run_edit
+from p2p_framework.inversion import image_to_tensor, prepare_image
+from p2p_framework.pipeline import to_pil
+from p2p_framework.plugins.inversion_sources import (
+    DDIMSource,
+    DirectSource,
+    NegativePromptSource,
+    NullTextSource,
+)
+
+#: (label, source class, options, guidance or None for --guidance)
+VARIANTS: list[tuple[str, type, dict[str, Any], float | None]] = [
+    ("ddim (guidance 1)", DDIMSource, {}, 1.0),
+    ("ddim", DDIMSource, {}, None),
+    ("negative-prompt", NegativePromptSource, {}, None),
+    ("direct", DirectSource, {}, None),
+    ("null-text (paper: 10 inner, early stop)", NullTextSource, {}, None),
+    ("null-text, no early stop", NullTextSource, {"early_stop_epsilon": -1.0}, None),
+    ("null-text, reuse_cond", NullTextSource, {"reuse_cond": True}, None),
+    ("null-text, batch_cond", NullTextSource, {"batch_cond": True}, None),
+    ("null-text, 5 inner", NullTextSource, {"num_inner_steps": 5}, None),
+    (
+        "null-text, 5 inner, reuse_cond",
+        NullTextSource,
+        {"num_inner_steps": 5, "reuse_cond": True},
+        None,
+    ),
+    (
+        "null-text, 3 inner, reuse_cond",
+        NullTextSource,
+        {"num_inner_steps": 3, "reuse_cond": True},
+        None,
+    ),
+]
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def synthetic_photo(size: int) -> Image.Image:
+    """Smooth gradients, a disc and a bar: something with edges and flat areas."""
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    red = 255 * xx
+    green = 255 * yy
+    disc = ((xx - 0.5) ** 2 + (yy - 0.45) ** 2) < 0.08
+    blue = 60 + 180 * disc
+    red = np.where((yy > 0.75) & (yy < 0.85), 30, red)
+    return Image.fromarray(np.stack([red, green, blue], -1).round().astype(np.uint8))
+
+
+def random_sd(device: str, dtype: str):
+    """A randomly initialised model with SD 1.x's UNet and VAE sizes (timing only).
+
+    The text encoder is a 2-layer CLIP of SD's width (its cost does not matter here).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from p2p_framework.model import StableDiffusionModel, pick_device, pick_dtype
+    from p2p_framework.tiny_models import DEFAULT_WORDS, build_clip_tokenizer
+
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    tokenizer = build_clip_tokenizer(DEFAULT_WORDS, tempfile.mkdtemp(prefix="p2p-tok-"))
+    torch.manual_seed(0)
+    with torch.device(torch_device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            scaling_factor=0.18215,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=2,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    for module in (unet, vae, text):
+        module.to(dtype=torch_dtype).eval().requires_grad_(False)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        scheduler_config=dict(scheduler.config),
+        identity={"model": "random SD 1.x-sized model (timing only)"},
+    )
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    torch.set_num_threads(args.threads)
+    if args.random_sd:
+        model = random_sd(args.device, args.dtype)
+        scale = 1.0
+    elif args.model:
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        scale = args.unet_output_scale if args.unet_output_scale is not None else 1.0
+    else:
+        from p2p_framework.tiny_models import save_tiny_pipeline
+
+        folder = save_tiny_pipeline(Path(tempfile.mkdtemp(prefix="p2p-bench-")) / "tiny")
+        model = load_model(folder, device=args.device, dtype=args.dtype)
+        scale = args.unet_output_scale if args.unet_output_scale is not None else 0.05
+    if scale != 1.0:
+        with torch.no_grad():
+            model.unet.conv_out.weight.mul_(scale)
+            model.unet.conv_out.bias.mul_(scale)
+    size = args.size or model.default_size
+    with tempfile.TemporaryDirectory() as folder:
+        if args.image:
+            image_path = Path(args.image)
+        else:
+            image_path = Path(folder) / "photo.png"
+            synthetic_photo(max(size, 256)).save(image_path)
+        prepared = prepare_image(image_path, size, size)
+        pixels = image_to_tensor(prepared)
+        z0 = model.encode_image(pixels).float().cpu()
+        round_trip = to_pil(model.decode(model.encode_image(pixels)))[0]
+        if model.device.type == "cuda":  # kernels' first-use costs are not the methods'
+            warm = EditSettings(steps=2, guidance=args.guidance, height=size, width=size)
+            for source_class in (DirectSource, NullTextSource):
+                source = source_class(image=str(image_path), cache=False)
+                run_edit(model, [args.prompt], source=source, settings=warm)
+        rows = []
+        for label, source_class, options, guidance in VARIANTS:
+            if args.only and not any(word in label for word in args.only):
+                continue
+            w = args.guidance if guidance is None else guidance
+            source = source_class(image=str(image_path), cache=False, **options)
+            settings = EditSettings(steps=args.steps, guidance=w, height=size, width=size)
+            began = time.perf_counter()
+            result = run_edit(model, [args.prompt], source=source, settings=settings)
+            total = time.perf_counter() - began
+            info = result.source_info["inversion"]
+            latent = result.latents[:1].float().cpu()
+            inner = info.get("inner_steps")
+            rows.append(
+                {
+                    "method": label,
+                    "guidance": w,
+                    "seconds": info["seconds"],
+                    "edit_seconds": total - info["seconds"],
+                    "calls": info["unet_calls"],
+                    "fwd": info["unet_forward_rows"],
+                    "bwd": info["unet_backward_rows"],
+                    "inner": float(np.mean(inner)) if inner else None,
+                    "psnr_input": psnr(result.images[0], prepared),
+                    "psnr_vae": psnr(result.images[0], round_trip),
+                    "latent_error": float((latent - z0).norm() / z0.norm()),
+                }
+            )
+            print(format_row(rows[-1]), file=sys.stderr, flush=True)
+    if args.random_sd:
+        name = "random SD 1.x-sized model (timings only)"
+    else:
+        name = str(args.model or "tiny random model (p2p_framework.tiny_models)")
+    meta = {
+        "model": name,
+        "unet_output_scale": scale,
+        "size": size,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "prompt": args.prompt,
+        "image": args.image or "synthetic",
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "threads": args.threads,
+        "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None,
+        "vae_psnr": psnr(round_trip, prepared),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    return rows, meta
+
+
+def format_row(row: dict[str, Any]) -> str:
+    inner = "" if row["inner"] is None else f"{row['inner']:.1f}"
+    return (
+        f"| {row['method']} | {row['guidance']:g} | {row['seconds']:.2f} | {row['calls']} | "
+        f"{row['fwd']} | {row['bwd']} | {inner} | {row['psnr_input']:.2f} | "
+        f"{row['psnr_vae']:.2f} | {row['latent_error']:.4f} |"
+    )
+
+
+def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "| method | w | inversion s | UNet calls | fwd rows | bwd rows | inner/step | "
+        "PSNR in (dB) | PSNR vae (dB) | latent err |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(format_row(row) for row in rows),
+        "",
+        f"VAE round-trip PSNR (bound for PSNR in): {meta['vae_psnr']:.2f} dB.",
+    ]
+    return "\n".join(lines)
+
+
+def describe(meta: dict[str, Any]) -> str:
+    return (
+        f"Model: {meta['model']} (UNet output scale {meta['unet_output_scale']:g}), "
+        f"{meta['size']}x{meta['size']} px, {meta['steps']} DDIM steps, guidance "
+        f"{meta['guidance']:g}, prompt {meta['prompt']!r}, image: {meta['image']}; "
+        f"{meta['gpu'] or meta['device']} {meta['dtype']}, {meta['threads']} thread(s), "
+        f"torch {meta['torch']}, Python {meta['python']}."
+    )
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) the ``## Inversion`` section of ``path``, nothing else."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    section = f"## Inversion\n\n{body.strip()}\n"
+    pattern = re.compile(r"^## Inversion\s*\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="diffusers pipeline folder or hub id (default: tiny)")
+    parser.add_argument(
+        "--random-sd",
+        action="store_true",
+        help="random weights in SD 1.x's sizes (512 px): real timings, meaningless quality",
+    )
+    parser.add_argument("--image", help="photo to invert (default: a synthetic one)")
+    parser.add_argument("--prompt", default="a photo of a cat")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--size", type=int, help="pixels (default: the model's size)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--unet-output-scale",
+        type=float,
+        help="scale the UNet's output layer (default 0.05 for the tiny model, 1 otherwise)",
+    )
+    parser.add_argument("--only", nargs="*", help="run only variants whose label has a word")
+    parser.add_argument("--write", type=Path, help="write the table into this Markdown file")
+    parser.add_argument("--machine", default=platform.machine(), help="machine, for --write")
+    parser.add_argument("--date", default=datetime.date.today().isoformat(), help="for --write")
+    args = parser.parse_args(argv)
+    rows, meta = run(args)
+    body = table(rows, meta)
+    print(describe(meta))
+    print()
+    print(body)
+    if args.write:
+        write_section(
+            args.write,
+            f"Measured {args.date} on {args.machine} with `python benchmarks/inversion.py`.\n"
+            f"{describe(meta)}\n\n{body}\n",
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""DDIM arithmetic shared by the inversion methods, as the null-text paper's code does it.
+
+The scheduler is diffusers' :class:`~diffusers.DDIMScheduler` with the papers' settings
+(``clip_sample=False``, ``set_alpha_to_one=False``); a step at timestep ``t`` goes between
+``t`` and ``t - num_train_timesteps // num_steps``, where a negative timestep means the
+scheduler's ``final_alpha_cumprod``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from p2p_framework.model import StableDiffusionModel
+
+from .errors import InversionError
+
+#: Scheduler config keys that decide the DDIM trajectory (what an inversion must match).
+SCHEDULER_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "clip_sample",
+    "set_alpha_to_one",
+    "steps_offset",
+    "prediction_type",
+    "timestep_spacing",
+    "rescale_betas_zero_snr",
+)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def scheduler_signature(scheduler: Any) -> dict[str, Any]:
+    """The class name and the trajectory-deciding config values of a scheduler (JSON-ready)."""
+    config = scheduler.config
+    signature: dict[str, Any] = {"class": type(scheduler).__name__}
+    for key in SCHEDULER_KEYS:
+        if key in config:
+            signature[key] = _plain(config[key])
+    return signature
+
+
+def check_ddim_scheduler(scheduler: Any) -> None:
+    """Refuse a scheduler that is not the papers' DDIM (inversion runs DDIM backwards).
+
+    Raises:
+        InversionError: another scheduler class, or ``clip_sample`` on.
+    """
+    import diffusers
+
+    if not isinstance(scheduler, diffusers.DDIMScheduler):
+        raise InversionError(
+            f"inversion needs the ddim scheduler, the run uses {type(scheduler).__name__}; "
+            "choose scheduler ddim"
+        )
+    if scheduler.config.get("clip_sample", False):
+        raise InversionError("inversion needs a DDIM scheduler with clip_sample=False")
+
+
+def fresh_scheduler(model: StableDiffusionModel, scheduler: Any, num_steps: int) -> Any:
+    """A private copy of ``scheduler`` (default: ``model.make_scheduler("ddim")``), set to
+    ``num_steps`` on the model's device."""
+    if scheduler is None:
+        scheduler = model.make_scheduler("ddim")
+    check_ddim_scheduler(scheduler)
+    copy = type(scheduler).from_config(scheduler.config)
+    copy.set_timesteps(num_steps, device=model.device)
+    return copy
+
+
+@contextmanager
+def float32_unet(model: StableDiffusionModel):
+    """Run the UNet in float32 inside the block (null-text optimisation fails in half
+    precision); a float16 or bfloat16 UNet is cast up and back, which is lossless.
+
+    Raises:
+        InversionError: a quantised UNet, which cannot be cast.
+    """
+    unet = model.unet
+    original = unet.dtype
+    if original == torch.float32:
+        yield
+        return
+    if getattr(unet, "is_quantized", False) or getattr(unet, "hf_quantizer", None) is not None:
+        raise InversionError(
+            "inversion runs the UNet in float32 and cannot cast a quantised UNet; "
+            "load the model unquantised"
+        )
+    # torch's own Module.to: diffusers' override warns about casting on every call.
+    torch.nn.Module.to(unet, torch.float32)
+    try:
+        yield
+    finally:
+        torch.nn.Module.to(unet, original)
+
+
+@dataclass
+class UNetCounter:
+    """Calls the model's UNet in float32 and counts latent rows through it.
+
+    Attributes:
+        forward_rows: latents evaluated (a batch of 2 counts 2).
+        backward_rows: latents back-propagated through.
+        calls: UNet calls.
+    """
+
+    model: StableDiffusionModel
+    forward_rows: int = 0
+    backward_rows: int = 0
+    calls: int = 0
+
+    def __call__(self, latents: torch.Tensor, t: Any, context: torch.Tensor) -> torch.Tensor:
+        """The raw model output (noise or v), float32."""
+        self.calls += 1
+        self.forward_rows += latents.shape[0]
+        if torch.is_grad_enabled() and context.requires_grad:
+            self.backward_rows += latents.shape[0]
+        return self.model.predict(latents, t, context).float()
+
+
+class DDIMMath:
+    """The DDIM step formulas for one scheduler with ``set_timesteps`` called."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        self.final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod).float()
+        self.ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+
+    def alpha(self, timestep: int) -> torch.Tensor:
+        """``alphas_cumprod[timestep]``, or the final alpha for a negative timestep."""
+        return self.alphas_cumprod[timestep] if timestep >= 0 else self.final_alpha
+
+    def to_epsilon(self, output: torch.Tensor, sample: torch.Tensor, t: Any) -> torch.Tensor:
+        """Noise from the model's raw output at timestep ``t`` (v and x0 are converted)."""
+        if self.prediction_type == "epsilon":
+            return output
+        a = self.alpha(int(t)).to(output.device)
+        if self.prediction_type == "v_prediction":
+            return a**0.5 * output + (1 - a) ** 0.5 * sample
+        if self.prediction_type == "sample":
+            return (sample - a**0.5 * output) / (1 - a) ** 0.5
+        raise InversionError(f"unsupported prediction_type {self.prediction_type!r}")
+
+    def next_step(self, eps: torch.Tensor, t: Any, sample: torch.Tensor) -> torch.Tensor:
+        """One inversion step: from level ``t - ratio`` up to level ``t`` (paper's
+        ``next_step``)."""
+        t_next = int(t)
+        t_cur = min(t_next - self.ratio, 999)
+        a_cur = self.alpha(t_cur).to(sample.device)
+        a_next = self.alpha(t_next).to(sample.device)
+        x0 = (sample - (1 - a_cur) ** 0.5 * eps) / a_cur**0.5
+        return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
+
+    def prev_step(self, eps: torch.Tensor, t: Any, sample: torch.Tensor) -> torch.Tensor:
+        """One differentiable DDIM denoising step (eta 0) from ``t`` to ``t - ratio``
+        (paper's ``prev_step``)."""
+        t_cur = int(t)
+        a_t = self.alpha(t_cur).to(sample.device)
+        a_prev = self.alpha(t_cur - self.ratio).to(sample.device)
+        x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+
+ProgressFn = Callable[[int, dict[str, Any]], None]
+
+
+@torch.no_grad()
+def ddim_inversion(
+    unet: UNetCounter,
+    math: DDIMMath,
+    latent: torch.Tensor,
+    cond: torch.Tensor,
+    report: ProgressFn | None = None,
+) -> list[torch.Tensor]:
+    """DDIM inversion with the conditional prompt only (no guidance).
+
+    Returns:
+        The ``T + 1`` latents ``z_0 .. z_T`` (``z_0`` is ``latent``), float32.
+    """
+    latents = [latent]
+    z = latent
+    ascending = math.scheduler.timesteps.flip(0)
+    for i, t in enumerate(ascending):
+        eps = math.to_epsilon(unet(z, t, cond), z, t)
+        z = math.next_step(eps, t, z)
+        latents.append(z)
+        if report is not None:
+            report(i + 1, {"phase": "ddim-inversion"})
+    return latents
