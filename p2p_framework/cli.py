@@ -158,7 +158,8 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             metavar="ID|DIR",
             help=(
                 "Hugging Face hub id or local diffusers folder (Stable Diffusion 1.x/2.x). "
-                f"Default: ${MODEL_ENV}. E.g. --model CompVis/stable-diffusion-v1-4"
+                f"Default: ${MODEL_ENV}, else the embedded demo model (64 px coloured shapes). "
+                "E.g. --model CompVis/stable-diffusion-v1-4"
             ),
         ),
         click.option(
@@ -676,7 +677,8 @@ def plugins_command(as_json: bool, kind: str | None, **_: Any) -> None:
     "--model",
     metavar="ID|DIR",
     help="Model for jobs that name none (instead of the file's `model`). "
-    f"Default: the file's, else ${MODEL_ENV}. E.g. --model ./models/sd14",
+    f"Default: the file's, else ${MODEL_ENV}, else the embedded demo model. "
+    "E.g. --model ./models/sd14",
 )
 @click.option(
     "--device",

@@ -289,13 +289,10 @@ def _default_source(merged: Mapping[str, Any]) -> str:
 
 
 def model_from_env(model: str | None) -> str:
-    """``model``, else ``$P2P_FRAMEWORK_MODEL``; raises :class:`JobError` when neither is set."""
-    model = model or os.environ.get(MODEL_ENV) or None
-    if not model:
-        raise JobError(
-            f"no model given: pass --model (a hub id or a diffusers folder) or set {MODEL_ENV}"
-        )
-    return str(model)
+    """``model``, else ``$P2P_FRAMEWORK_MODEL``, else the embedded demo model's folder."""
+    from .demo import DEMO_MODEL_DIR
+
+    return str(model or os.environ.get(MODEL_ENV) or DEMO_MODEL_DIR)
 
 
 def job_from_options(

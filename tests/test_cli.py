@@ -529,8 +529,21 @@ def test_option_for_a_plugin_not_in_the_run(invoke, tiny_model_dir, tmp_path):
 def test_missing_model(invoke, tmp_path):
     result = invoke(*edit_args(tmp_path / "no-such-model", tmp_path / "out"))
     assert_one_line_error(result, "no-such-model", "does not exist")
-    result = invoke("edit", "--prompt", "a cat", "--out", tmp_path)
-    assert_one_line_error(result, "no model given", MODEL_ENV)
+
+
+def test_default_model_is_the_embedded_demo_model(invoke, tmp_path):
+    from p2p_framework.demo import DEMO_MODEL_DIR
+
+    out = tmp_path / "out"
+    result = invoke(
+        "edit", "--prompt", "a red circle on a blue background",
+        "--target", "a green circle on a blue background",
+        "--steps", "3", "--device", "cpu", "--out", out,
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["model"]["model"] == str(DEMO_MODEL_DIR)
+    assert Image.open(out / "target-1.png").size == (64, 64)
 
 
 def test_unavailable_device_or_dtype(invoke, tiny_model_dir, tmp_path):

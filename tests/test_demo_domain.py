@@ -1,0 +1,250 @@
+"""The demo domain: procedural shape scenes, captions, ground truth, scorer, training script."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from p2p_framework.demo import scoring
+from p2p_framework.demo.shapes import (
+    COLORS,
+    MARGIN,
+    SHAPES,
+    VOCABULARY,
+    CaptionSpec,
+    Scene,
+    SceneBatch,
+    SceneObject,
+    canonical_bbox,
+    caption,
+    parse_caption,
+    render,
+    render_batch,
+    sample_scene,
+    sample_scene_batch,
+    tone_rgb,
+)
+
+
+def _scenes(seed: int, n: int) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng) for _ in range(n)]
+
+
+def test_render_is_deterministic_per_seed():
+    a = _scenes(3, 5)
+    b = _scenes(3, 5)
+    assert a == b
+    for sa, sb in zip(a, b):
+        ia, ga = render(sa)
+        ib, gb = render(sb)
+        assert np.array_equal(np.asarray(ia), np.asarray(ib))
+        assert all(np.array_equal(x, y) for x, y in zip(ga.masks, gb.masks))
+    assert _scenes(4, 5) != a
+
+
+def test_scene_sampling_respects_the_domain_rules():
+    batch = sample_scene_batch(np.random.default_rng(0), 500)
+    assert set(np.unique(batch.n_objects)) == {1, 2}
+    for scene in batch.scenes():
+        colors = [o.color for o in scene.objects] + [scene.background]
+        assert len(set(colors)) == len(colors)
+        for o in scene.objects:
+            assert 0.5 - 1e-9 <= o.cx - o.size and o.cx + o.size <= 63.5 + 1e-9
+            assert 0.5 - 1e-9 <= o.cy - o.size and o.cy + o.size <= 63.5 + 1e-9
+        if len(scene.objects) == 2:
+            a, b = scene.objects
+            assert a.cx <= b.cx
+            gap = a.size + b.size + MARGIN
+            assert abs(a.cx - b.cx) >= gap or abs(a.cy - b.cy) >= gap
+
+
+def test_captions_mention_exactly_the_rendered_objects():
+    for scene in _scenes(1, 60):
+        text = caption(scene)
+        words = text.split()
+        assert set(words) <= set(VOCABULARY)
+        assert sum(w in SHAPES for w in words) == len(scene.objects)
+        assert sum(w in COLORS for w in words) == len(scene.objects) + 1
+        spec = parse_caption(text)
+        assert spec == CaptionSpec(
+            objects=tuple((o.color, o.shape) for o in scene.objects),
+            background=scene.background,
+            texture=scene.texture,
+        )
+        _, truth = render(scene)
+        assert truth.shapes == tuple(s for _, s in spec.objects)
+        assert truth.colors == tuple(c for c, _ in spec.objects)
+    scene = Scene(
+        objects=(
+            SceneObject("circle", "red", 16, 32, 10),
+            SceneObject("square", "blue", 48, 32, 10),
+        ),
+        background="yellow",
+        texture="striped",
+    )
+    assert caption(scene) == "a red circle and a blue square on a striped yellow background"
+    one = Scene(objects=scene.objects[:1], background="yellow")
+    assert caption(one) == "a red circle on a yellow background"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a red circle",
+        "a red circle on a yellow",
+        "a red blob on a yellow background",
+        "a red circle and a blue square and a green star on a pink background",
+        "a red circle on a plaid yellow background",
+    ],
+)
+def test_parse_caption_rejects_other_text(text):
+    with pytest.raises(ValueError):
+        parse_caption(text)
+
+
+def test_masks_are_exactly_the_painted_pixels():
+    for scene in _scenes(2, 40):
+        image, truth = render(scene)
+        pixels = np.asarray(image)
+        assert pixels.shape == (64, 64, 3)
+        union = np.zeros((64, 64), bool)
+        for mask, color in zip(truth.masks, truth.colors):
+            assert mask.sum() > 50
+            assert not (mask & union).any()
+            union |= mask
+            painted = (pixels == COLORS[color]).all(-1)
+            assert np.array_equal(painted, mask)
+        assert np.array_equal(truth.background_mask, ~union)
+        bg = (pixels == COLORS[truth.background]).all(-1)
+        tone = (pixels == tone_rgb(truth.background)).all(-1)
+        assert np.array_equal(tone, truth.texture_mask)
+        assert np.array_equal(bg | tone, truth.background_mask)
+        assert truth.texture_mask.any() == (truth.texture != "plain")
+
+
+def test_batch_rendering_matches_single_rendering():
+    batch = sample_scene_batch(np.random.default_rng(5), 12)
+    images, masks, _ = render_batch(batch)
+    for i, scene in enumerate(batch.scenes()):
+        image, truth = render(scene)
+        assert np.array_equal(images[i].permute(1, 2, 0).numpy(), np.asarray(image))
+        for k, mask in enumerate(truth.masks):
+            assert np.array_equal(masks[i, k].numpy(), mask)
+    again = SceneBatch.from_scenes(batch.scenes())
+    assert again.captions() == batch.captions()
+    assert torch.equal(render_batch(again)[0], images)
+
+
+def test_render_scales_with_size():
+    scene = _scenes(6, 1)[0]
+    small, truth_small = render(scene, size=64)
+    large, truth_large = render(scene, size=128)
+    assert large.size == (128, 128)
+    for a, b in zip(truth_small.masks, truth_large.masks):
+        assert abs(b.sum() / 4 - a.sum()) < 0.1 * a.sum()
+
+
+def test_canonical_boxes_fit_the_unit_box():
+    for shape in SHAPES:
+        u0, u1, v0, v1 = canonical_bbox(shape)
+        assert -1.001 <= u0 < u1 <= 1.001 and -1.001 <= v0 < v1 <= 1.001
+        assert u1 - u0 > 1.5 and v1 - v0 > 1.5
+
+
+def test_scorer_is_exact_on_ground_truth_renders():
+    for scene in _scenes(7, 30):
+        image, truth = render(scene)
+        for mask, shape in zip(truth.masks, truth.shapes):
+            assert scoring.classify_shape(mask) == shape
+        result = scoring.score_image(image, scene)
+        assert result.exact, (caption(scene), result)
+        assert scoring.score_image(image, caption(scene)).exact
+        first = scene.objects[0]
+        assert scoring.has_object(image, first.color, first.shape)
+        found = scoring.find_object(np.asarray(image), first.color)
+        assert found is not None and np.array_equal(found.mask, truth.masks[0])
+
+
+def test_scorer_detects_wrong_attributes():
+    scene = Scene(
+        objects=(
+            SceneObject("star", "red", 18, 20, 12),
+            SceneObject("heart", "green", 44, 44, 12),
+        ),
+        background="blue",
+        texture="dotted",
+    )
+    image, _ = render(scene)
+    assert scoring.score_image(image, scene).exact
+    assert not scoring.score_image(
+        image, "a red circle and a green heart on a blue background"
+    ).exact
+    wrong_bg = scoring.score_image(image, "a red star on a yellow background")
+    assert not wrong_bg.background_ok and wrong_bg.extra_objects == 1
+    missing = scoring.score_image(image, "a pink star on a blue background")
+    assert missing.color_found == [False]
+    assert scoring.find_object(image, "blue") is None  # the background is no object
+    # Tensors in [0, 1], channels first, are accepted too.
+    tensor = torch.as_tensor(np.array(image)).permute(2, 0, 1).float() / 255
+    background, objects = scoring.detect_objects(tensor)
+    assert background == "blue"
+    assert sorted((o.color, o.shape) for o in objects) == [("green", "heart"), ("red", "star")]
+
+
+def test_connected_components_separate_objects_of_one_colour():
+    mask = np.zeros((10, 12), bool)
+    mask[1:4, 1:4] = True
+    mask[6:9, 2:11] = True
+    mask[5, 0] = True
+    mask[9, 11] = True  # diagonal neighbour of the second block: same component
+    comps = scoring.connected_components(mask)
+    assert [int(c.sum()) for c in comps] == [28, 9, 1]
+    assert np.array_equal(np.logical_or.reduce(comps), mask)
+
+
+def test_caption_token_ids_match_the_tokenizer(tmp_path):
+    from p2p_framework.demo.train import SceneStream
+    from p2p_framework.tiny_models import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(VOCABULARY, tmp_path / "tok")
+    stream = SceneStream(0, tokenizer, torch.device("cpu"))
+    images, ids = stream.batch(8, uncond_prob=0.0)
+    assert images.shape == (8, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    assert ids.shape == (8, tokenizer.model_max_length)
+    batch = sample_scene_batch(np.random.default_rng(9), 8)
+    expected = tokenizer(batch.captions(), padding="max_length", max_length=77).input_ids
+    assert np.array_equal(stream.token_ids(batch), np.array(expected))
+
+
+@pytest.mark.slow
+def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from p2p_framework.demo.train import main
+
+    out = tmp_path / "model"
+    work = tmp_path / "work"
+    args = ["--smoke", "--device", "cpu", "--out", str(out), "--work-dir", str(work)]
+    assert main([*args, "--steps", "2"]) == 0
+    assert (work / "checkpoint.pt").exists()
+    # Resume: the VAE is done, two more UNet steps.
+    assert main([*args, "--stage", "unet", "--resume", "--steps", "4", "--eval-samples", "0"]) == 0
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["unet_step"] == 4 and info["vae_step"] == 4
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.vae_scale_factor == 4
+    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.scheduler.config.steps_offset == 1
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe(
+        "a red circle on a yellow background",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    assert result.images.shape == (1, 64, 64, 3)
