@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from p2p_framework.model import StableDiffusionModel
+from p2p_framework.outputs import write_bytes_atomic
 
 from .ddim import scheduler_signature
 from .errors import InversionFileError, InversionMismatchError
@@ -221,19 +221,7 @@ class Inversion:
         }
         data = save(tensors, metadata=header)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_bytes_atomic(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Inversion:
