@@ -10,7 +10,6 @@ prompt 0 is the source and prompts 1.. are the targets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,14 +113,3 @@ class Edit(Plugin):
     def injects_cross_attention(self) -> bool:
         """Whether this edit overrides :meth:`cross_attention`."""
         return type(self).cross_attention is not Edit.cross_attention
-
-
-def per_prompt(value: Any, count: int, *, plugin: str, option: str) -> list[Any]:
-    """Expand a value given once, or per prompt, to a list of ``count`` values."""
-    from .errors import OptionError
-
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != count:
-            raise OptionError(plugin, option, f"expected {count} values, got {len(value)}")
-        return list(value)
-    return [value] * count

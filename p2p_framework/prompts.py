@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import PromptError
+from .errors import OptionError, PromptError
 
 _PUNCTUATION = string.punctuation + "“”‘’"
 
@@ -90,8 +90,6 @@ def require_word_positions(
     tokenizer: Any, prompt: str, word: str, *, plugin: str, option: str
 ) -> list[int]:
     """Like :func:`word_positions`, but a word that is absent is an :class:`OptionError`."""
-    from .errors import OptionError
-
     positions = word_positions(tokenizer, prompt, word)
     if not positions:
         words = ", ".join(repr(w) for w in prompt.split())
