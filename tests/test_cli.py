@@ -536,9 +536,17 @@ def test_default_model_is_the_embedded_demo_model(invoke, tmp_path):
 
     out = tmp_path / "out"
     result = invoke(
-        "edit", "--prompt", "a red circle on a blue background",
-        "--target", "a green circle on a blue background",
-        "--steps", "3", "--device", "cpu", "--out", out,
+        "edit",
+        "--prompt",
+        "a red circle on a blue background",
+        "--target",
+        "a green circle on a blue background",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        out,
     )
     assert result.exit_code == 0, result.output
     record = json.loads((out / "run.json").read_text())

@@ -195,6 +195,78 @@ def test_scorer_detects_wrong_attributes():
     assert sorted((o.color, o.shape) for o in objects) == [("green", "heart"), ("red", "star")]
 
 
+def test_texture_classification_is_exact_on_renders():
+    for scene in _scenes(11, 120):
+        image, _ = render(scene)
+        assert scoring.classify_texture(image) == scene.texture
+        assert scoring.classify_texture(image, scene.background) == scene.texture
+    plain, _ = render(Scene((SceneObject("star", "red", 30, 30, 12),), "blue"))
+    assert scoring.texture_scores(plain) == (0.0, 0.0)
+    # A colour that is not in the image: nothing to classify.
+    assert scoring.classify_texture(plain, "pink") == "plain"
+
+
+def test_edit_measures_on_renders():
+    from dataclasses import replace
+
+    from p2p_framework.demo import edit_quality as eq
+
+    case = eq.sample_cases(1)[0]
+    scene = case.scene
+    obj = scene.objects[0]
+    source, truth = render(scene)
+    colours = [obj.color]
+
+    def measured(kind: str, edited_scene: Scene) -> eq.Measure:
+        edited, _ = render(edited_scene)
+        return eq.measure(
+            case.specs[kind],
+            "p2p",
+            0,
+            source,
+            edited,
+            source_background=scene.background,
+            source_colors=colours,
+        )
+
+    # A perfect colour swap: same mask, nothing else changed.
+    new_colour = case.specs["colour"].target_color
+    swapped = measured("colour", replace(scene, objects=(replace(obj, color=new_colour),)))
+    assert swapped.valid and swapped.success
+    assert swapped.iou == 1.0 and swapped.shift == 0.0 and swapped.psnr == float("inf")
+    # The same swap with the object moved 6 px: success, but the structure is not kept.
+    moved = replace(obj, color=new_colour, cx=obj.cx + 6 if obj.cx < 32 else obj.cx - 6)
+    shifted = measured("colour", replace(scene, objects=(moved,)))
+    assert shifted.success and shifted.iou < 0.8 and abs(shifted.shift - 6) < 0.5
+    assert shifted.psnr == float("inf")  # outside both masks nothing changed
+    # The source colour kept: no success, IoU 0.
+    assert not measured("colour", scene).success
+    # Background swap: judged on the background, the object region kept exactly.
+    spec = case.specs["background"]
+    background = measured("background", replace(scene, background=spec.background))
+    assert background.success and background.iou == 1.0 and background.psnr == float("inf")
+    # Reweight down: the object gone is a success, unchanged is not.
+    empty = Scene((SceneObject(obj.shape, new_colour, 2, 2, 0.1),), scene.background, scene.texture)
+    assert measured("reweight-down", empty).success
+    assert not measured("reweight-down", scene).success
+    assert eq.mask_iou(truth.masks[0], None) == 0.0
+
+
+def test_dilate_and_erode():
+    from p2p_framework.demo import edit_quality as eq
+
+    dot = np.zeros((7, 7), bool)
+    dot[3, 3] = True
+    block = np.zeros((7, 7), bool)
+    block[2:5, 2:5] = True
+    assert np.array_equal(eq.dilate(dot), block)
+    assert np.array_equal(eq.erode(block), dot)
+    assert eq.dilate(dot, 3).all()
+    inner = np.zeros((4, 4), bool)
+    inner[1:3, 1:3] = True
+    assert np.array_equal(eq.erode(np.ones((4, 4), bool)), inner)  # the border is outside
+
+
 def test_connected_components_separate_objects_of_one_colour():
     mask = np.zeros((10, 12), bool)
     mask[1:4, 1:4] = True

@@ -4,6 +4,9 @@
   a plain, striped or dotted background, with exact ground truth and a caption;
 * :mod:`p2p_framework.demo.scoring` finds objects in an image by colour and classifies their
   shape (used to measure Prompt-to-Prompt edits on the demo model);
+* :mod:`p2p_framework.demo.edit_quality` defines and runs those measurements (edit success,
+  structure and background preservation, against the naive baseline; inversion of renders),
+  for ``benchmarks/edit_quality.py`` and ``tests/test_demo_quality.py``;
 * :mod:`p2p_framework.demo.train` trains a small Stable-Diffusion-shaped model on the domain
   and saves it as a standard diffusers ``StableDiffusionPipeline`` folder.
 

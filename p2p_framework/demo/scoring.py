@@ -12,6 +12,10 @@ shape's canonical box (:func:`~p2p_framework.demo.shapes.canonical_bbox`), the s
 rasterised there, and the shape with the highest IoU with the mask wins. Shapes are upright in
 the domain, so the bounding box fixes the template up to the shape's kind. This is exact on
 clean renders (see ``tests/test_demo_domain.py``) and degrades gracefully on generated images.
+
+The background texture is classified from the background pixels alone (:func:`classify_texture`):
+the share of them nearer the colour's darker tone than the colour itself tells plain from
+textured, and stripes (constant along the anti-diagonal) from dots (no preferred direction).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "SceneScore",
     "background_color",
     "classify_shape",
+    "classify_texture",
     "color_labels",
     "connected_components",
     "detect_objects",
@@ -47,6 +52,7 @@ __all__ = [
     "has_object",
     "score_image",
     "shape_scores",
+    "texture_scores",
 ]
 
 #: Default largest RGB distance of a labelled pixel to its reference colour.
@@ -58,6 +64,11 @@ _REFERENCES = np.array(
     [COLORS[c] for c in COLOR_NAMES] + [tone_rgb(c) for c in COLOR_NAMES], dtype=np.float32
 )
 _REFERENCE_BASE = np.array(list(range(len(COLOR_NAMES))) * 2)
+
+#: Smallest share of tone pixels in the background for it to count as textured.
+TEXTURE_MIN_TONE = 0.08
+#: Smallest anisotropy (see :func:`texture_scores`) for a textured background to be striped.
+STRIPE_MIN_ANISOTROPY = 0.2
 
 
 def _as_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -160,6 +171,61 @@ def classify_shape(mask: np.ndarray) -> str:
     """The shape whose fitted template best matches the mask (see :func:`shape_scores`)."""
     scores = shape_scores(mask)
     return max(scores, key=scores.__getitem__)
+
+
+def texture_scores(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    background: str | None = None,
+    *,
+    max_distance: float = MAX_DISTANCE,
+) -> tuple[float, float]:
+    """``(tone, anisotropy)`` of the background of an image.
+
+    ``background`` is the background colour (default: the image's dominant colour). Background
+    pixels are those labelled with that colour (its tone included); ``tone`` is the share of
+    them nearer the darker tone than the colour itself (0 on a plain background, about 0.5
+    striped, 0.2 dotted). ``anisotropy`` compares how often a tone pixel's neighbour along the
+    anti-diagonal ``(+1, -1)`` is tone too with the same along the diagonal ``(+1, +1)``:
+    about 0.5 for the domain's diagonal stripes (constant along the anti-diagonal), about 0 for
+    dots. Both are 0 when nothing is labelled with ``background``.
+    """
+    arr = _as_array(image)
+    labels = color_labels(arr, max_distance)
+    if background is None:
+        background = background_color(labels)
+        if background is None:
+            return 0.0, 0.0
+    region = labels == COLOR_NAMES.index(background)
+    if not region.any():
+        return 0.0, 0.0
+    base = np.array(COLORS[background], dtype=np.float32)
+    tone_rgb_ = np.array(tone_rgb(background), dtype=np.float32)
+    nearer_tone = np.linalg.norm(arr - tone_rgb_, axis=-1) < np.linalg.norm(arr - base, axis=-1)
+    tone = region & nearer_tone
+    share = float(tone.sum() / region.sum())
+    if not tone.any():
+        return share, 0.0
+    # Pairs (p, p + offset) with p a tone pixel and both in the background region.
+    head = tone[:-1]
+    anti = head[:, 1:] & region[1:, :-1]
+    diag = head[:, :-1] & region[1:, 1:]
+    along_anti = float((anti & tone[1:, :-1]).sum() / max(anti.sum(), 1))
+    along_diag = float((diag & tone[1:, 1:]).sum() / max(diag.sum(), 1))
+    return share, along_anti - along_diag
+
+
+def classify_texture(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    background: str | None = None,
+    *,
+    max_distance: float = MAX_DISTANCE,
+) -> str:
+    """``"plain"``, ``"striped"`` or ``"dotted"``: the background's texture (see
+    :func:`texture_scores`; ``background`` defaults to the image's dominant colour)."""
+    tone, anisotropy = texture_scores(image, background, max_distance=max_distance)
+    if tone < TEXTURE_MIN_TONE:
+        return "plain"
+    return "striped" if anisotropy >= STRIPE_MIN_ANISOTROPY else "dotted"
 
 
 @dataclass
