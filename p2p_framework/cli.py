@@ -472,6 +472,14 @@ def cli() -> None:
     help="Saved inversion (from `p2p-run invert`) to edit: shortcut for --set "
     "SOURCE.inversion=PATH. E.g. --inversion cat.p2pinv",
 )
+@click.option(
+    "--no-cache",
+    "no_cache",
+    is_flag=True,
+    help="Invert the photo again even if the inversion cache holds it, and do not store it "
+    "(shortcut for --set SOURCE.cache=false). Default: use the cache. E.g. --image cat.jpg "
+    "--no-cache",
+)
 @_run_options
 @_model_options
 @_verbosity
@@ -485,6 +493,7 @@ def edit_command(
     reweight: tuple[str, ...],
     image: Path | None,
     inversion: Path | None,
+    no_cache: bool,
     **options: Any,
 ) -> None:
     """Edit an image by editing its prompt (Prompt-to-Prompt).
@@ -518,6 +527,7 @@ def edit_command(
             "reweight": list(reweight) or None,
             "image": image,
             "inversion": inversion,
+            "no_cache": no_cache,
             **_common(options),
         },
         _registry(),

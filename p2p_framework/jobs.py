@@ -60,6 +60,7 @@ JOB_KEYS = (
     "source",
     "image",
     "inversion",
+    "no_cache",
     "edit",
     "edits",
     "cross_replace",
@@ -391,6 +392,10 @@ def job_from_options(
     for key in ("image", "inversion"):
         if merged.get(key) is not None:
             assignments.append((source_name, key, str(merged[key])))
+    if merged.get("no_cache"):
+        if "cache" not in {o.name for o in registry.get("source", source_name).options}:
+            raise JobError(f"no_cache: the source {source_name!r} keeps no cache")
+        assignments.append((source_name, "cache", False))
     assignments.extend(parse_assignments(merged.get("set")))
 
     # Settings.

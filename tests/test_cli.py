@@ -264,6 +264,27 @@ def test_invert_then_edit_the_saved_inversion(invoke, registry, edit_run, tiny_m
     assert record["source_info"]["inversion"]["cache"] == "file"
 
 
+def test_inversion_cache_is_hit_then_skipped_with_no_cache(
+    invoke, registry, edit_run, tiny_model_dir, tmp_path, monkeypatch
+):
+    if not any(p.name == "negative-prompt" for p in registry.plugins("source")):
+        pytest.skip("the inversion sources are not registered")
+    monkeypatch.setenv("P2P_FRAMEWORK_CACHE_DIR", str(tmp_path / "cache"))
+    _, first = edit_run
+    photo = ("--image", first / "source.png", "--source", "negative-prompt", "--json", "-q")
+
+    def cache_state(out, *extra):
+        result = invoke(*edit_args(tiny_model_dir, tmp_path / out, *photo, *extra))
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["source_info"]["inversion"]["cache"]
+
+    assert cache_state("a") == "miss"
+    assert cache_state("b") == "hit"
+    assert cache_state("c", "--no-cache") == "off"
+    result = invoke(*edit_args(tiny_model_dir, tmp_path / "d", "--no-cache"))
+    assert_one_line_error(result, "no_cache", "'seed' keeps no cache")
+
+
 def test_image_shortcut_picks_null_text(registry, tmp_path):
     from p2p_framework.jobs import job_from_options
 
