@@ -102,7 +102,7 @@ def random_sd(device: str, dtype: str):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from p2p_framework.model import StableDiffusionModel, pick_device, pick_dtype
+    from p2p_framework.model import SD_DDIM_CONFIG, StableDiffusionModel, pick_device, pick_dtype
     from p2p_framework.tiny_models import DEFAULT_WORDS, build_clip_tokenizer
 
     torch_device = pick_device(device)
@@ -135,14 +135,7 @@ def random_sd(device: str, dtype: str):
         )
     for module in (unet, vae, text):
         module.to(dtype=torch_dtype).eval().requires_grad_(False)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD_DDIM_CONFIG)
     return StableDiffusionModel(
         unet=unet,
         vae=vae,

@@ -19,6 +19,17 @@ import torch
 
 from .errors import ModelLoadError, OptionError
 
+#: Stable Diffusion's noise schedule with the DDIM settings of the papers' code
+#: (``DDIMScheduler(**SD_DDIM_CONFIG)``); what built models are saved with.
+SD_DDIM_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
 SCHEDULERS = ("ddim", "model", "pndm", "euler", "euler-ancestral", "dpm-solver", "lms")
 
 

@@ -32,6 +32,8 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .model import SD_DDIM_CONFIG
+
 __all__ = [
     "BOS_TOKEN",
     "CROSS_ATTENTION_OUT_GAIN",
@@ -345,15 +347,7 @@ def save_tiny_pipeline(
         unet = _tiny_unet(sample_size, prediction_type)
         vae = _tiny_vae(sample_size)
         text_encoder = _tiny_text_encoder(tokenizer)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = DDIMScheduler(**SD_DDIM_CONFIG, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -87,6 +87,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model import SD_DDIM_CONFIG
 from .shapes import VOCABULARY, SceneBatch, render_batch, sample_scene_batch, to_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -649,9 +650,7 @@ class Trainer:
                 p.copy_(ema[f"unet.{name}"])
             for name, p in text.named_parameters():
                 p.copy_(ema[f"text.{name}"])
-        scheduler = DDIMScheduler(
-            **NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1
-        )
+        scheduler = DDIMScheduler(**{**SD_DDIM_CONFIG, **NOISE_SCHEDULE})
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text,
