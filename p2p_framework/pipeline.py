@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from .attention import AttentionController
+from .batch import ControllerGroup, plan_batches
 from .edit import Edit, RunContext
-from .errors import OptionError, PromptError
+from .errors import OptionError, P2PError, PromptError
 from .model import StableDiffusionModel
 from .schedules import Bounds, CrossReplaceSteps, cross_replace_table, self_replace_window
 from .source import Source, SourceRequest, SourceStart
@@ -92,7 +93,10 @@ class EditResult:
         settings: the settings used (sizes filled in).
         edits, source: the plugin objects used.
         source_info: what the source reported (seed, inversion statistics...).
-        timings: seconds spent in ``source``, ``denoise`` and ``decode``.
+        timings: seconds spent in ``source``, ``denoise`` and ``decode``; ``denoise`` is the
+            wall time of the whole UNet batch the job ran in.
+        batch: indices (in the :func:`run_edits` call) of the jobs that shared this job's UNet
+            batch, itself included; ``[0]`` for :func:`run_edit`.
     """
 
     prompts: list[str]
@@ -104,6 +108,7 @@ class EditResult:
     source: Source
     source_info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    batch: list[int] = field(default_factory=lambda: [0])
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -129,41 +134,87 @@ def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
     return {"generator": generator} if "generator" in accepted else {}
 
 
-def run_edit(
-    model: StableDiffusionModel,
-    prompts: Sequence[str],
-    edits: Sequence[Edit] = (),
-    *,
-    source: Source | None = None,
-    settings: EditSettings | None = None,
-    progress: ProgressCallback | None = None,
-) -> EditResult:
-    """Generate the source prompt's image and its edits in one batch.
+@dataclass
+class EditJob:
+    """One edit to run with :func:`run_edits`: what :func:`run_edit` takes, as one object.
 
-    Args:
-        model: from :func:`p2p_framework.load_model`.
-        prompts: source prompt first, then target prompts (one image each).
-        edits: edit plugin objects, applied in order (e.g. refine then reweight).
-        source: where the starting latent comes from; default ``Seed()`` (seed 8888).
-        settings: run settings; default :class:`EditSettings`.
-        progress: called as ``progress(done, total, info)``: by the source during its own
-            work (``info["phase"] == "source"``, e.g. an inversion, with its ``loss``), then
-            after each denoising step (``info["phase"] == "denoise"``).
-
-    Returns:
-        An :class:`EditResult`; ``images[0]`` is the source, ``images[i]`` target ``i``.
+    Attributes:
+        prompts: source prompt first, then targets (one image each).
+        edits: edit plugin objects, applied in order. Plugins keep per-run state, so every job
+            needs its own objects (sharing one between jobs is an error).
+        source: where the starting latent comes from; None means ``Seed()`` (seed 8888).
+        settings: run settings; None means :class:`EditSettings`.
     """
-    from .plugins.seed import Seed
 
-    prompts = _check_prompts(prompts)
-    settings = settings or EditSettings()
+    prompts: Sequence[str]
+    edits: Sequence[Edit] = ()
+    source: Source | None = None
+    settings: EditSettings | None = None
+
+
+@dataclass
+class _PreparedJob:
+    """A job set up for the denoising loop: its own scheduler, store, controller and start."""
+
+    index: int
+    prompts: list[str]
+    edits: list[Edit]
+    source: Source
+    settings: EditSettings
+    scheduler: Any
+    store: AttentionStore
+    run: RunContext
+    controller: AttentionController
+    start: SourceStart
+    timings: dict[str, float]
+
+
+def _resolve(model: StableDiffusionModel, job: EditJob) -> tuple[list[str], EditSettings]:
+    """The job's checked prompts and its settings with the image size filled in."""
+    prompts = _check_prompts(job.prompts)
+    settings = job.settings or EditSettings()
     settings.check()
-    source = source if source is not None else Seed()
-    edits = list(edits)
     height = settings.height or model.default_size
     width = settings.width or model.default_size
-    latent_size = model.latent_size(height, width)
-    settings = EditSettings(**{**settings.__dict__, "height": height, "width": width})
+    model.latent_size(height, width)  # raises OptionError for sizes the VAE cannot take
+    return prompts, EditSettings(**{**settings.__dict__, "height": height, "width": width})
+
+
+def batch_key(settings: EditSettings) -> tuple[Any, ...]:
+    """What jobs must share to run in one UNet batch: steps, whether guidance is on, image
+    size, scheduler and ``separate_uncond_pass``. Everything else (guidance scale, schedules,
+    edits, sources, attention maps) may differ between the jobs of a batch."""
+    return (
+        settings.steps,
+        settings.guidance > 1.0,
+        settings.height,
+        settings.width,
+        settings.scheduler,
+        settings.separate_uncond_pass,
+    )
+
+
+def unet_rows(prompts: int, settings: EditSettings) -> int:
+    """Rows a job of ``prompts`` prompts adds to each UNet call: twice its prompts with
+    guidance in one pass (unconditional and conditional rows), else its prompts."""
+    guided = settings.guidance > 1.0
+    return 2 * prompts if guided and not settings.separate_uncond_pass else prompts
+
+
+def _prepare_job(
+    model: StableDiffusionModel,
+    job: EditJob,
+    index: int,
+    progress: ProgressCallback | None,
+) -> _PreparedJob:
+    """Everything one job needs before the denoising loop: scheduler, attention store, edit
+    setup, controller and the source's start (which may be a whole inversion)."""
+    from .plugins.seed import Seed
+
+    prompts, settings = _resolve(model, job)
+    source = job.source if job.source is not None else Seed()
+    edits = list(job.edits)
+    latent_size = model.latent_size(settings.height, settings.width)  # type: ignore[arg-type]
     device = model.device
     steps = settings.steps
 
@@ -192,77 +243,310 @@ def run_edit(
         latent_size=latent_size,
     ).to(device)
 
-    timings: dict[str, float] = {}
-    began = time.perf_counter()
     source_progress = None
     if progress is not None:
 
         def source_progress(done: int, total: int, info: dict[str, Any]) -> None:
-            progress(done, total, {**info, "phase": "source"})
+            progress(done, total, {**info, "phase": "source", "job": index})
 
+    began = time.perf_counter()
     start: SourceStart = source.prepare(
         SourceRequest(
-            model, scheduler, prompts, steps, settings.guidance, height, width, source_progress
+            model,
+            scheduler,
+            prompts,
+            steps,
+            settings.guidance,
+            settings.height,  # type: ignore[arg-type]
+            settings.width,  # type: ignore[arg-type]
+            source_progress,
         )
     )
-    timings["source"] = time.perf_counter() - began
-
-    began = time.perf_counter()
-    latents = _denoise(model, scheduler, prompts, start, edits, controller, run, settings, progress)
-    timings["denoise"] = time.perf_counter() - began
-
-    began = time.perf_counter()
-    images = to_pil(model.decode(latents))
-    timings["decode"] = time.perf_counter() - began
-    return EditResult(
-        prompts, images, latents, store, settings, edits, source, dict(start.info), timings
+    timings = {"source": time.perf_counter() - began}
+    return _PreparedJob(
+        index, prompts, edits, source, settings, scheduler, store, run, controller, start, timings
     )
+
+
+def _check_jobs(jobs: Sequence[EditJob]) -> list[EditJob]:
+    jobs = list(jobs)
+    owners: dict[int, int] = {}
+    for index, job in enumerate(jobs):
+        if not isinstance(job, EditJob):
+            raise OptionError(
+                "pipeline", "jobs", f"job {index} is a {type(job).__name__}, not an EditJob"
+            )
+        for edit in job.edits:
+            first = owners.setdefault(id(edit), index)
+            if first != index:
+                raise OptionError(
+                    "pipeline",
+                    "jobs",
+                    f"jobs {first} and {index} share one {type(edit).__name__} object; "
+                    "edits keep per-run state, so give each job its own",
+                )
+    return jobs
+
+
+def iter_edits(
+    model: StableDiffusionModel,
+    jobs: Sequence[EditJob],
+    *,
+    max_batch_rows: int | None = None,
+    progress: ProgressCallback | None = None,
+    errors: str = "raise",
+) -> Iterator[tuple[int, EditResult | P2PError | OSError]]:
+    """Run jobs, batching those that can share a UNet batch; yield each job's result as soon
+    as its batch is done.
+
+    Jobs share a batch when their :func:`batch_key` is equal, in their given order, up to
+    ``max_batch_rows`` UNet rows (:func:`unet_rows`). Within a batch every job keeps its own
+    scheduler, attention controller (edits, schedules, store), starting latent, per-step
+    unconditional embeddings and source latents, and its edits' ``after_step`` sees only its
+    own rows; its result equals what :func:`run_edit` gives for it alone, up to float rounding
+    of the larger UNet batch.
+
+    Args:
+        model: from :func:`p2p_framework.load_model`.
+        jobs: the jobs.
+        max_batch_rows: most UNet rows per batch (memory); None for no limit. A job with more
+            rows than this runs alone.
+        progress: called as ``progress(done, total, info)``: during a job's source work with
+            ``info["phase"] == "source"`` and ``info["job"]`` (its index), and after each
+            denoising step of a batch with ``info["phase"] == "denoise"`` and
+            ``info["jobs"]`` (the indices of the batch's jobs).
+        errors: ``"raise"``: a job's :class:`P2PError` (or ``OSError``, e.g. an unreadable
+            photo) is raised at once; ``"return"``: it is yielded in place of the job's result
+            and the other jobs go on.
+
+    Yields:
+        ``(job index, EditResult)``, or ``(job index, error)`` with ``errors="return"``; in
+        the order the batches finish, each batch's jobs in job order.
+
+    Raises:
+        OptionError: bad ``jobs``, ``max_batch_rows`` or ``errors``.
+    """
+    if errors not in ("raise", "return"):
+        raise OptionError("pipeline", "errors", f"expected 'raise' or 'return', got {errors!r}")
+    jobs = _check_jobs(jobs)
+    keys: list[tuple[Any, ...] | None] = []
+    rows: list[int] = []
+    for index, job in enumerate(jobs):
+        try:
+            prompts, settings = _resolve(model, job)
+        except (P2PError, OSError) as error:
+            if errors == "raise":
+                raise
+            keys.append(None)
+            rows.append(0)
+            yield index, error
+            continue
+        keys.append(batch_key(settings))
+        rows.append(unet_rows(len(prompts), settings))
+    for batch in plan_batches(keys, rows, max_batch_rows):
+        prepared = []
+        for index in batch:
+            try:
+                prepared.append(_prepare_job(model, jobs[index], index, progress))
+            except (P2PError, OSError) as error:
+                if errors == "raise":
+                    raise
+                yield index, error
+        if prepared:
+            yield from _run_batch(model, prepared, progress, raise_errors=errors == "raise")
+
+
+def run_edits(
+    model: StableDiffusionModel,
+    jobs: Sequence[EditJob],
+    *,
+    max_batch_rows: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[EditResult]:
+    """Run many edits, batching those that share steps, guidance on/off, size, scheduler and
+    ``separate_uncond_pass`` into one UNet batch (see :func:`iter_edits`).
+
+    Args:
+        model: from :func:`p2p_framework.load_model`.
+        jobs: the edits, each an :class:`EditJob` with its own plugin objects.
+        max_batch_rows: most UNet rows per batch; None for no limit (a job of ``P`` prompts
+            takes ``2 P`` rows with guidance, ``P`` without or with ``separate_uncond_pass``).
+        progress: as for :func:`iter_edits`.
+
+    Returns:
+        One :class:`EditResult` per job, in job order, each equal (up to float rounding) to
+        what :func:`run_edit` gives for that job alone.
+
+    Raises:
+        P2PError: the first job that fails (nothing is returned then).
+    """
+    results: dict[int, EditResult] = {}
+    for index, result in iter_edits(
+        model, jobs, max_batch_rows=max_batch_rows, progress=progress, errors="raise"
+    ):
+        assert isinstance(result, EditResult)
+        results[index] = result
+    return [results[index] for index in range(len(results))]
+
+
+def run_edit(
+    model: StableDiffusionModel,
+    prompts: Sequence[str],
+    edits: Sequence[Edit] = (),
+    *,
+    source: Source | None = None,
+    settings: EditSettings | None = None,
+    progress: ProgressCallback | None = None,
+) -> EditResult:
+    """Generate the source prompt's image and its edits in one batch.
+
+    The same code path as :func:`run_edits` with one job; all the targets are rows of one
+    UNet batch.
+
+    Args:
+        model: from :func:`p2p_framework.load_model`.
+        prompts: source prompt first, then target prompts (one image each).
+        edits: edit plugin objects, applied in order (e.g. refine then reweight).
+        source: where the starting latent comes from; default ``Seed()`` (seed 8888).
+        settings: run settings; default :class:`EditSettings`.
+        progress: called as ``progress(done, total, info)``: by the source during its own
+            work (``info["phase"] == "source"``, e.g. an inversion, with its ``loss``), then
+            after each denoising step (``info["phase"] == "denoise"``).
+
+    Returns:
+        An :class:`EditResult`; ``images[0]`` is the source, ``images[i]`` target ``i``.
+    """
+    job = EditJob(prompts, edits, source, settings)
+    return run_edits(model, [job], progress=progress)[0]
+
+
+def _run_batch(
+    model: StableDiffusionModel,
+    jobs: list[_PreparedJob],
+    progress: ProgressCallback | None,
+    *,
+    raise_errors: bool,
+) -> Iterator[tuple[int, EditResult | P2PError]]:
+    """Denoise prepared jobs in one UNet batch, decode each, and yield their results."""
+    group = ControllerGroup([job.controller for job in jobs], [len(job.prompts) for job in jobs])
+    began = time.perf_counter()
+    latents = _denoise(model, jobs, group, progress, raise_errors=raise_errors)
+    denoise = time.perf_counter() - began
+    batch = [job.index for job in jobs]
+    for position, (job, job_latents) in enumerate(zip(jobs, latents)):
+        error = group.errors.get(position)
+        if error is not None:
+            yield job.index, error
+            continue
+        began = time.perf_counter()
+        images = to_pil(model.decode(job_latents))
+        timings = {**job.timings, "denoise": denoise, "decode": time.perf_counter() - began}
+        yield (
+            job.index,
+            EditResult(
+                job.prompts,
+                images,
+                job_latents,
+                job.store,
+                job.settings,
+                job.edits,
+                job.source,
+                dict(job.start.info),
+                timings,
+                batch,
+            ),
+        )
 
 
 @torch.no_grad()
 def _denoise(
     model: StableDiffusionModel,
-    scheduler: Any,
-    prompts: list[str],
-    start: SourceStart,
-    edits: list[Edit],
-    controller: AttentionController,
-    run: RunContext,
-    settings: EditSettings,
+    jobs: list[_PreparedJob],
+    group: ControllerGroup,
     progress: ProgressCallback | None,
-) -> torch.Tensor:
-    batch = len(prompts)
-    guided = settings.guidance > 1.0
-    cond = model.encode_text(prompts)
+    *,
+    raise_errors: bool,
+) -> list[torch.Tensor]:
+    """The denoising loop of one batch.
+
+    The UNet batch is ``[uncond rows of job 0, of job 1, ..., cond rows of job 0, ...]`` (one
+    pass), or the two halves as two calls with ``separate_uncond_pass``, or the cond rows alone
+    without guidance. Each job steps its own scheduler on its own rows.
+
+    Returns:
+        Per job, its ``(prompts, channels, height, width)`` final latents.
+    """
+    first = jobs[0].settings
+    guided = first.guidance > 1.0
+    total = group.total_rows
+    dtype, device = model.dtype, model.device
+    cond = torch.cat([model.encode_text(job.prompts) for job in jobs])
     empty = model.encode_text([""]) if guided else None
-    latents = start.latent.to(device=model.device, dtype=model.dtype).expand(batch, -1, -1, -1)
-    latents = latents.clone()
-    step_kwargs = _step_kwargs(scheduler, torch.Generator("cpu").manual_seed(0))
-    timesteps = scheduler.timesteps
-    with controller.installed(model.unet):
+    latents = [
+        job.start.latent.to(device=device, dtype=dtype).expand(len(job.prompts), -1, -1, -1).clone()
+        for job in jobs
+    ]
+    step_kwargs = [
+        _step_kwargs(job.scheduler, torch.Generator("cpu").manual_seed(0)) for job in jobs
+    ]
+    timesteps = jobs[0].scheduler.timesteps
+    batch = [job.index for job in jobs]
+
+    def check_errors() -> None:
+        if raise_errors and group.errors:
+            raise next(iter(group.errors.values()))
+
+    with group.installed(model.unet):
         for step, t in enumerate(timesteps):
+            scaled = torch.cat(
+                [job.scheduler.scale_model_input(x, t) for job, x in zip(jobs, latents)]
+            )
             if guided:
-                null = empty if start.uncond_embeddings is None else start.uncond_embeddings[step]
-                uncond = null.to(device=model.device, dtype=model.dtype).expand(batch, -1, -1)
-                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                if settings.separate_uncond_pass:
-                    controller.begin_call(step, None)
-                    out_uncond = model.predict(model_input[:batch], t, uncond)
-                    controller.begin_call(step, slice(0, batch))
-                    out_cond = model.predict(model_input[batch:], t, cond)
+                nulls = [
+                    empty
+                    if job.start.uncond_embeddings is None
+                    else job.start.uncond_embeddings[step]
+                    for job in jobs
+                ]
+                uncond = torch.cat(
+                    [
+                        null.to(device=device, dtype=dtype).expand(len(job.prompts), -1, -1)
+                        for job, null in zip(jobs, nulls)
+                    ]
+                )
+                if first.separate_uncond_pass:
+                    group.begin_call(step, None)
+                    out_uncond = model.predict(scaled, t, uncond)
+                    group.begin_call(step, slice(0, total))
+                    out_cond = model.predict(scaled, t, cond)
                 else:
-                    controller.begin_call(step, slice(batch, 2 * batch))
-                    out = model.predict(model_input, t, torch.cat([uncond, cond]))
+                    group.begin_call(step, slice(total, 2 * total))
+                    out = model.predict(torch.cat([scaled, scaled]), t, torch.cat([uncond, cond]))
                     out_uncond, out_cond = out.chunk(2)
-                noise = out_uncond + settings.guidance * (out_cond - out_uncond)
             else:
-                controller.begin_call(step, slice(0, batch))
-                noise = model.predict(scheduler.scale_model_input(latents, t), t, cond)
-            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            if start.source_latents is not None:
-                latents[:1] = start.source_latents[step].to(latents)
-            for edit in edits:
-                latents = edit.after_step(latents, step, run)
+                group.begin_call(step, slice(0, total))
+                out_cond = model.predict(scaled, t, cond)
+            check_errors()
+            for index, job in enumerate(jobs):
+                rows = group.job_rows(index)
+                if guided:
+                    u = out_uncond[rows]
+                    noise = u + job.settings.guidance * (out_cond[rows] - u)
+                else:
+                    noise = out_cond[rows]
+                x = job.scheduler.step(
+                    noise, t, latents[index], **step_kwargs[index], return_dict=False
+                )[0]
+                if job.start.source_latents is not None:
+                    x[:1] = job.start.source_latents[step].to(x)
+                if index not in group.errors:
+                    try:
+                        for edit in job.edits:
+                            x = edit.after_step(x, step, job.run)
+                    except P2PError as error:
+                        group.errors[index] = error
+                latents[index] = x
+            check_errors()
             if progress is not None:
-                progress(step + 1, len(timesteps), {"phase": "denoise"})
+                progress(step + 1, len(timesteps), {"phase": "denoise", "jobs": batch})
     return latents

@@ -1,0 +1,198 @@
+"""Several edit jobs in one UNet batch: the controller composite and the batch planner.
+
+:class:`ControllerGroup` stands where one :class:`~p2p_framework.attention.AttentionController`
+stands for :class:`~p2p_framework.attention.ControlledAttnProcessor` (which only calls
+``wants``, ``attend`` and reads ``latent_size``). It holds one controller per job, each with
+the rows its job occupies in the UNet batch, so every job keeps its own edits, schedules and
+attention store, and each controller sees the batch exactly as it would alone, only with its
+rows further down.
+
+:func:`plan_batches` decides which jobs share a batch. The denoising loop that uses both is
+:func:`p2p_framework.pipeline.iter_edits`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .attention import AttentionController, ControlledAttnProcessor
+from .errors import OptionError, P2PError
+from .store import AttentionLayer
+
+
+class ControllerGroup:
+    """One :class:`AttentionController` per job, over one UNet batch.
+
+    The jobs' conditional rows lie one after the other in the order given: with ``rows =
+    [2, 3]`` and conditional rows ``slice(5, 10)``, job 0 has rows 5-6 and job 1 rows 7-9
+    (source first in each). The unconditional rows are laid out the same way and are never
+    edited.
+
+    A :class:`~p2p_framework.errors.P2PError` raised by a job's controller (that is, by one of
+    its edits) is kept in :attr:`errors` and that job's controller is not called again, so the
+    other jobs of the batch go on; the loop decides whether to raise it.
+
+    Args:
+        controllers: the jobs' controllers, in batch order; all for the same latent size.
+        rows: prompts (conditional rows) of each job.
+    """
+
+    def __init__(self, controllers: Sequence[AttentionController], rows: Sequence[int]) -> None:
+        if len(controllers) != len(rows) or not controllers:
+            raise ValueError("give one row count per controller, and at least one controller")
+        sizes = {tuple(c.latent_size) for c in controllers}
+        if len(sizes) != 1:
+            raise OptionError(
+                "pipeline", "height", f"jobs of one batch need one latent size, got {sizes}"
+            )
+        self.controllers = list(controllers)
+        self.rows = [int(r) for r in rows]
+        self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        self.latent_size: tuple[int, int] = tuple(controllers[0].latent_size)  # type: ignore[assignment]
+        self.errors: dict[int, P2PError] = {}
+        self._wanted: tuple[AttentionLayer, list[int]] | None = None
+        self._unet: Any = None
+        self._original: dict[str, Any] | None = None
+
+    @property
+    def total_rows(self) -> int:
+        """Conditional rows of the whole batch (the sum of the jobs' prompts)."""
+        return sum(self.rows)
+
+    # -- installation (as AttentionController.install, with the group as the controller) ------
+    def install(self, unet: Any) -> None:
+        """Put a controlled processor, answering to this group, on every attention layer."""
+        if self._unet is not None:
+            raise RuntimeError("this controller group is already installed")
+        self._original = dict(unet.attn_processors)
+        processors = {
+            key: ControlledAttnProcessor(self, key.rsplit(".processor", 1)[0])  # type: ignore[arg-type]
+            for key in self._original
+        }
+        unet.set_attn_processor(processors)
+        self._unet = unet
+
+    def remove(self) -> None:
+        """Restore the processors the UNet had before :meth:`install`."""
+        if self._unet is not None and self._original is not None:
+            self._unet.set_attn_processor(self._original)
+        self._unet = None
+        self._original = None
+
+    @contextmanager
+    def installed(self, unet: Any) -> Iterator[ControllerGroup]:
+        """Context manager: install on ``unet`` and always remove afterwards."""
+        self.install(unet)
+        try:
+            yield self
+        finally:
+            self.remove()
+
+    # -- per call -------------------------------------------------------------------------
+    def job_rows(self, index: int, first: int = 0) -> slice:
+        """Rows of job ``index`` in a block of per-job rows starting at row ``first``."""
+        start = first + self.offsets[index]
+        return slice(start, start + self.rows[index])
+
+    def begin_call(self, step: int, cond_rows: slice | None) -> None:
+        """Tell every job's controller the step and its own conditional rows.
+
+        Args:
+            step: 0-based diffusion step.
+            cond_rows: the conditional rows of the whole batch (``total_rows`` of them), or
+                None for a call without conditional rows.
+        """
+        self._wanted = None
+        for index, controller in enumerate(self.controllers):
+            rows = None if cond_rows is None else self.job_rows(index, cond_rows.start or 0)
+            controller.begin_call(step, rows)
+
+    def _active(self) -> Iterator[tuple[int, AttentionController]]:
+        for index, controller in enumerate(self.controllers):
+            if index not in self.errors:
+                yield index, controller
+
+    def wants(self, layer: AttentionLayer) -> bool:
+        """Whether any job reads or changes this layer's probabilities in the current call."""
+        wanting = [i for i, c in self._active() if c.wants(layer)]
+        self._wanted = (layer, wanting)
+        return bool(wanting)
+
+    def attend(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
+        """Apply, job after job, the controllers that want this layer; each edits and records
+        only its own rows.
+
+        Args:
+            probs: ``(batch, heads, queries, tokens)`` for the whole UNet batch.
+
+        Returns:
+            the same shape.
+        """
+        if self._wanted is not None and self._wanted[0] is layer:
+            wanting = self._wanted[1]
+        else:
+            wanting = [i for i, c in self._active() if c.wants(layer)]
+        for index in wanting:
+            if index in self.errors:
+                continue
+            try:
+                probs = self.controllers[index].attend(probs, layer)
+            except P2PError as error:
+                self.errors[index] = error
+        return probs
+
+
+def plan_batches(
+    keys: Sequence[Hashable | None],
+    rows: Sequence[int],
+    max_batch_rows: int | None = None,
+) -> list[list[int]]:
+    """Group jobs into UNet batches.
+
+    Jobs with equal keys may share a batch; a batch takes jobs in their given order until the
+    next would take it over ``max_batch_rows`` UNet rows (None: no limit). A job with more rows
+    than the limit runs alone. Jobs whose key is None are left out.
+
+    Args:
+        keys: one key per job (what must be equal to share a batch), or None.
+        rows: UNet rows of each job.
+        max_batch_rows: most UNet rows per batch; None for no limit.
+
+    Returns:
+        Batches as lists of job indices, in the order of each batch's first job.
+
+    Raises:
+        OptionError: ``max_batch_rows`` is not a positive integer.
+    """
+    if max_batch_rows is not None and (
+        isinstance(max_batch_rows, bool)
+        or not isinstance(max_batch_rows, int)
+        or max_batch_rows < 1
+    ):
+        raise OptionError(
+            "pipeline",
+            "max_batch_rows",
+            f"must be a positive integer or None, got {max_batch_rows!r}",
+        )
+    open_batches: dict[Hashable, list[int]] = {}
+    batches: list[list[int]] = []
+    for index, key in enumerate(keys):
+        if key is None:
+            continue
+        batch = open_batches.get(key)
+        if batch is not None and (
+            max_batch_rows is None or sum(rows[i] for i in batch) + rows[index] <= max_batch_rows
+        ):
+            batch.append(index)
+            continue
+        batch = [index]
+        batches.append(batch)
+        open_batches[key] = batch
+    return batches
+
+
+__all__ = ["ControllerGroup", "plan_batches"]
