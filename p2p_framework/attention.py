@@ -58,18 +58,16 @@ class ControlledAttnProcessor:
         self.controller = controller
         self.name = name
         self.place = layer_place(name)
-        self._layers: dict[tuple[int, bool, tuple[int, int]], AttentionLayer] = {}
 
     def layer(self, queries: int, is_cross: bool) -> AttentionLayer:
-        """This layer's description for a call with ``queries`` queries (cached)."""
-        latent_size = self.controller.latent_size
-        key = (queries, is_cross, latent_size)
-        layer = self._layers.get(key)
-        if layer is None:
-            grid, downscale = grid_for(queries, latent_size)
-            layer = AttentionLayer(self.name, self.place, is_cross, grid, downscale)
-            self._layers[key] = layer
-        return layer
+        """This layer's description for a call with ``queries`` queries.
+
+        Computed on every call rather than cached: it costs microseconds, and under
+        ``torch.compile`` it folds to constants, where a cache filled during the first
+        compiled call would force a second compilation.
+        """
+        grid, downscale = grid_for(queries, self.controller.latent_size)
+        return AttentionLayer(self.name, self.place, is_cross, grid, downscale)
 
     def __call__(
         self,
@@ -165,6 +163,16 @@ def attention_probabilities(
 class AttentionController:
     """Applies edits to the attention of a UNet's conditional rows.
 
+    Two modes give the same result:
+
+    - eager (``static=False``): per call, Python decides from the step whether a layer's
+      probabilities are needed; untouched layers take the fused attention kernel.
+    - static (``static=True``, used with a compiled UNet): which layers materialise their
+      probabilities is fixed for the whole run, and the per-step schedules are tensors
+      indexed by a step tensor on the device, so ``torch.compile`` traces one graph for
+      every step (no graph breaks, no recompilation per step, CUDA-graph friendly). Outside
+      the injection window the blend weights are 0 and the targets keep their own maps.
+
     Args:
         edits: the edits of the run, in pipeline order.
         store: where attention maps are accumulated (only resolutions it tracks).
@@ -173,6 +181,9 @@ class AttentionController:
         self_replace_min_downscale: self-attention is replaced only in layers whose grid is
             the latent grid divided by at least this (4: the 16x16 layers of SD 1.x at 512 px).
         latent_size: ``(height, width)`` of the latent.
+        num_steps: diffusion steps of the run (static mode sizes its tables with it); default
+            from ``cross_table`` or ``self_window``.
+        static: the mode, see above.
     """
 
     def __init__(
@@ -184,6 +195,8 @@ class AttentionController:
         self_window: tuple[int, int] = (0, 0),
         self_replace_min_downscale: int = 4,
         latent_size: tuple[int, int] = (64, 64),
+        num_steps: int | None = None,
+        static: bool = False,
     ) -> None:
         self.injecting = [edit for edit in edits if edit.injects_cross_attention]
         self.store = store if store is not None else AttentionStore()
@@ -191,14 +204,24 @@ class AttentionController:
         self.self_window = self_window if self.injecting else (0, 0)
         self.self_replace_min_downscale = self_replace_min_downscale
         self.latent_size = latent_size
+        self.static = static
+        if num_steps is None:
+            num_steps = (
+                self.cross_table.shape[0] - 1 if self.cross_table is not None else self_window[1]
+            )
+        self.num_steps = num_steps
         self._cross_active = (
             [bool(row.any()) for row in self.cross_table] if self.cross_table is not None else []
         )
-        self._cross_rows: list[torch.Tensor] = []
+        # (steps + 1, targets, 1, 1, tokens) blend weights and (steps,) self-replace flags.
+        self._cross_alpha: torch.Tensor | None = None
+        self._self_on: torch.Tensor | None = None
+        self._step_index: torch.Tensor | None = None
         self.step = 0
         self.cond_rows: slice | None = None
         self._unet: Any = None
         self._original: dict[str, Any] | None = None
+        self.to(torch.device("cpu"))
 
     # -- installation ---------------------------------------------------------------------
     def install(self, unet: Any) -> None:
@@ -234,8 +257,26 @@ class AttentionController:
         """Move the schedule tables to ``device`` (done once per run, not per call)."""
         if self.cross_table is not None:
             table = self.cross_table.to(device=device, dtype=dtype)
-            self._cross_rows = [row[:, None, None, :] for row in table]
+            self._cross_alpha = table[:, :, None, None, :]
+        start, end = self.self_window
+        steps = torch.arange(max(self.num_steps, 1), device=device)
+        self._self_on = (steps >= start) & (steps < end)
+        # Shape (1,), used with index_select: indexing with a 0-d tensor would make
+        # torch.compile read its value and compile one graph per step.
+        self._step_index = torch.zeros(1, dtype=torch.int64, device=device)
         return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a controlled UNet call reads or updates: the schedules, the step
+        index and the store's sums (a compiled UNet marks them as static inputs)."""
+        tables = [self._cross_alpha, self._self_on, self._step_index]
+        edit_tensors = [
+            value
+            for edit in self.injecting
+            for value in vars(edit).values()
+            if isinstance(value, torch.Tensor)
+        ]
+        return [t for t in tables if t is not None] + edit_tensors + self.store.tensors()
 
     def begin_call(self, step: int, cond_rows: slice | None) -> None:
         """Say which step the next UNet call belongs to and which of its rows are conditional.
@@ -247,13 +288,27 @@ class AttentionController:
         """
         self.step = step
         self.cond_rows = cond_rows
+        if self.static:
+            assert self._step_index is not None
+            self._step_index.fill_(step)  # on the device: no host sync, no new graph
+
+    def _at_step(self, table: torch.Tensor) -> torch.Tensor:
+        """``table[step]``, read on the device in static mode."""
+        if self.static:
+            assert self._step_index is not None
+            return torch.index_select(table, 0, self._step_index)[0]
+        return table[self.step]
 
     def _cross_injecting(self) -> bool:
+        if self.static:
+            return self.cross_table is not None
         return bool(self._cross_active) and self._cross_active[self.step]
 
     def _self_injecting(self, layer: AttentionLayer) -> bool:
         start, end = self.self_window
-        return start <= self.step < end and layer.downscale >= self.self_replace_min_downscale
+        if layer.downscale < self.self_replace_min_downscale:
+            return False
+        return start < end if self.static else start <= self.step < end
 
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether this layer's probabilities are read or changed in the current call."""
@@ -278,13 +333,17 @@ class AttentionController:
         new_targets = None
         if targets.shape[0]:
             if layer.is_cross and self._cross_injecting():
+                assert self._cross_alpha is not None
                 injected = source.expand_as(targets)
                 for edit in self.injecting:
                     injected = edit.cross_attention(injected, targets, layer)
-                alpha = self._cross_rows[self.step]
+                alpha = self._at_step(self._cross_alpha)
                 new_targets = alpha * injected + (1 - alpha) * targets
             elif not layer.is_cross and self._self_injecting(layer):
                 new_targets = source.expand_as(targets)
+                if self.static:
+                    assert self._self_on is not None
+                    new_targets = torch.where(self._at_step(self._self_on), new_targets, targets)
         if new_targets is not None:
             if probs.requires_grad:
                 probs = probs.clone()

@@ -30,6 +30,10 @@ SD_DDIM_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
 }
 
+#: ``torch.compile`` modes of :meth:`StableDiffusionModel.compile`; ``auto`` picks
+#: ``reduce-overhead`` (CUDA graphs) on a GPU and ``default`` elsewhere.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")
+
 SCHEDULERS = ("ddim", "model", "pndm", "euler", "euler-ancestral", "dpm-solver", "lms")
 
 
@@ -109,6 +113,47 @@ class StableDiffusionModel:
     scheduler_config: dict[str, Any]
     identity: dict[str, Any] = field(default_factory=dict)
     family: str = "stable-diffusion"
+    compile_mode: str | None = None
+    _compiled_unet: Any = field(default=None, repr=False)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether UNet calls go through ``torch.compile`` (see :meth:`compile`)."""
+        return self._compiled_unet is not None
+
+    def compile(
+        self, mode: str = "auto", *, backend: str = "inductor", fullgraph: bool = False
+    ) -> None:
+        """Run the UNet under ``torch.compile`` from now on.
+
+        The first calls of each kind (editing, inversion's forward and backward) compile and
+        are slow; later calls with the same shapes reuse the compiled code, across runs. The
+        edit loop then switches the attention controller to its static mode, whose per-step
+        schedules are tensors, so the whole UNet is one graph for every step.
+
+        Args:
+            mode: one of :data:`COMPILE_MODES`; ``auto`` is ``reduce-overhead`` (CUDA graphs)
+                on a GPU and ``default`` elsewhere.
+            backend: ``torch.compile`` backend; ``eager`` or ``aot_eager`` only trace (quick,
+                for checking that nothing breaks the graph).
+            fullgraph: raise on a graph break instead of running that part eagerly (the
+                built-in edits never break the graph; a third-party edit might).
+
+        Raises:
+            OptionError: an unknown mode.
+        """
+        if mode not in COMPILE_MODES:
+            raise OptionError(
+                "model", "compile", f"unknown mode {mode!r}; choose from {', '.join(COMPILE_MODES)}"
+            )
+        if mode == "auto":
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        # Static shapes: a run's shapes never change, and CUDA graphs need them fixed.
+        options: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
+        if backend == "inductor":
+            options["mode"] = mode
+        self._compiled_unet = torch.compile(self.unet, **options)
+        self.compile_mode = mode
 
     @property
     def device(self) -> torch.device:
@@ -175,7 +220,16 @@ class StableDiffusionModel:
             latents: ``(batch, channels, height, width)``, already scaled by the scheduler.
             context: ``(batch, tokens, dim)`` text embeddings.
         """
-        return self.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)[0]
+        if self._compiled_unet is None:
+            return self.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)[0]
+        if self.compile_mode == "reduce-overhead":
+            # Each call is a new CUDA-graph step; its output lives in the graph's memory pool,
+            # which the next call overwrites, so hand back a copy the caller can keep.
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._compiled_unet(
+            latents, timestep, encoder_hidden_states=context, return_dict=False
+        )[0]
+        return out.clone() if self.compile_mode == "reduce-overhead" else out
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -226,6 +280,7 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
+    compile: bool | str = False,
 ) -> StableDiffusionModel:
     """Load a diffusers Stable Diffusion pipeline from a hub id or a local folder.
 
@@ -236,6 +291,8 @@ def load_model(
         dtype: ``"auto"`` (float16 on a GPU, float32 on CPU), ``"float32"``, ``"float16"``,
             ``"bfloat16"``, or a torch dtype.
         revision: hub revision (branch, tag or commit).
+        compile: True or a mode of :data:`COMPILE_MODES`: run the UNet under
+            ``torch.compile`` (:meth:`StableDiffusionModel.compile`).
 
     Raises:
         ModelLoadError: the folder is missing or is not a supported pipeline.
@@ -278,7 +335,7 @@ def load_model(
         module.to(torch_device)
         module.eval()
         module.requires_grad_(False)
-    return StableDiffusionModel(
+    loaded = StableDiffusionModel(
         unet=components["unet"],
         vae=components["vae"],
         text_encoder=components["text_encoder"],
@@ -286,3 +343,6 @@ def load_model(
         scheduler_config=dict(components["scheduler"].config),
         identity=identity,
     )
+    if compile:
+        loaded.compile("auto" if compile is True else compile)
+    return loaded

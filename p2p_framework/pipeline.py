@@ -241,7 +241,14 @@ def _prepare_job(
         self_window=self_window,
         self_replace_min_downscale=settings.self_replace_min_downscale,
         latent_size=latent_size,
+        num_steps=steps,
+        static=model.compiled,
     ).to(device)
+    store.allocate(len(prompts), model.max_tokens, latent_size, device)
+    if model.compiled:
+        # Fixed addresses: CUDA graphs read and update these in place, without copies.
+        for tensor in controller.tensors():
+            torch._dynamo.mark_static_address(tensor)
 
     source_progress = None
     if progress is not None:

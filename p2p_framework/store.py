@@ -7,6 +7,7 @@ averaged over heads, so memory does not grow with the number of steps or layers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,8 @@ class AttentionStore:
     def __init__(self) -> None:
         self._wanted: set[tuple[bool, int]] = set()
         self._sums: dict[tuple[bool, int], torch.Tensor] = {}
-        self._counts: dict[tuple[bool, int], int] = {}
+        self._counts: dict[tuple[bool, int], torch.Tensor] = {}
+        self._confirmed: set[tuple[bool, int]] = set()
         self._grids: dict[tuple[bool, int], tuple[int, int]] = {}
 
     def track(self, *, downscale: int, cross: bool = True) -> None:
@@ -68,7 +70,30 @@ class AttentionStore:
         """Forget all sums (the tracked resolutions stay)."""
         self._sums.clear()
         self._counts.clear()
+        self._confirmed.clear()
         self._grids.clear()
+
+    def allocate(
+        self, rows: int, tokens: int, latent_size: tuple[int, int], device: torch.device
+    ) -> None:
+        """Create zeroed sums for every tracked resolution before the first UNet call.
+
+        The compiled path needs this: with the sums already there, :meth:`add` only adds in
+        place, so the compiled UNet has one graph for every step (no new dict entries).
+
+        Args:
+            rows: conditional rows (prompts) whose maps are kept.
+            tokens: text tokens per prompt.
+            latent_size: ``(height, width)`` of the latent.
+        """
+        height, width = latent_size
+        for is_cross, downscale in sorted(self._wanted):
+            grid = (math.ceil(height / downscale), math.ceil(width / downscale))
+            keys = tokens if is_cross else grid[0] * grid[1]
+            key = (is_cross, downscale)
+            self._sums[key] = torch.zeros(rows, grid[0] * grid[1], keys, device=device)
+            self._counts[key] = torch.zeros((), dtype=torch.int64, device=device)
+            self._grids[key] = grid
 
     def add(self, layer: AttentionLayer, probs: torch.Tensor) -> None:
         """Add one layer call's maps.
@@ -79,11 +104,13 @@ class AttentionStore:
         key = (layer.is_cross, layer.downscale)
         maps = probs.float().mean(dim=1)
         if key in self._sums:
-            self._sums[key] += maps
-            self._counts[key] += 1
+            # In place, and the count is a tensor: nothing here depends on a Python value
+            # that changes from call to call, so a compiled UNet is not recompiled.
+            self._sums[key].add_(maps)
+            self._counts[key].add_(1)
         else:
             self._sums[key] = maps.clone()
-            self._counts[key] = 1
+            self._counts[key] = torch.ones((), dtype=torch.int64, device=maps.device)
             self._grids[key] = layer.grid
 
     def average(self, *, downscale: int, cross: bool = True) -> torch.Tensor:
@@ -96,12 +123,20 @@ class AttentionStore:
             KeyError: nothing was stored for that resolution (no layer there, or not tracked).
         """
         key = (cross, downscale)
-        if key not in self._sums:
-            kind = "cross" if cross else "self"
-            raise KeyError(f"no {kind}-attention maps stored at 1/{downscale} of the latent grid")
-        total = self._sums[key] / self._counts[key]
+        if key not in self._confirmed:  # checked once: reading a GPU count waits for the GPU
+            if key not in self._sums or not bool(self._counts[key]):
+                kind = "cross" if cross else "self"
+                raise KeyError(
+                    f"no {kind}-attention maps stored at 1/{downscale} of the latent grid"
+                )
+            self._confirmed.add(key)
+        total = self._sums[key] / self._counts[key].to(self._sums[key].dtype)
         height, width = self._grids[key]
         return total.reshape(total.shape[0], height, width, total.shape[-1])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The sums and counts (for marking them as static inputs of a compiled UNet)."""
+        return [*self._sums.values(), *self._counts.values()]
 
     def nbytes(self) -> int:
         """Bytes held by the running sums."""

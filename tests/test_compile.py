@@ -1,0 +1,180 @@
+"""The compiled path: one graph for every step, and the same result as eager.
+
+The default tests compile with the ``eager`` backend and ``fullgraph=True``: Dynamo traces the
+UNet with the controller exactly as it would for inductor (a graph break raises, a recompile
+raises under ``error_on_recompile``), without inductor's code generation, which takes minutes
+on a CPU. The slow test runs inductor itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+
+from p2p_framework import (
+    AttentionController,
+    AttentionStore,
+    EditSettings,
+    OptionError,
+    load_model,
+    run_edit,
+)
+from p2p_framework.plugins.local_blend import LocalBlend
+from p2p_framework.plugins.refine import Refine
+from p2p_framework.plugins.replace import Replace
+from p2p_framework.plugins.reweight import Reweight
+from p2p_framework.store import AttentionLayer
+
+PROMPTS = ["a cat on a mat", "a dog on a mat"]
+# Cross injection stops and self injection starts mid-run, and every self-attention layer is
+# replaced (min downscale 1), so the step tensors switch both schedules during the run.
+SETTINGS = dict(steps=6, cross_replace_steps=0.5, self_replace_steps=(0.3, 0.7))
+
+
+def _unique_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@pytest.fixture
+def fresh_model(tiny_model_dir: Path):
+    """A model of its own: compiling must not leak into the shared ``tiny_model``."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield load_model(tiny_model_dir, device="cpu", dtype="float32")
+    torch._dynamo.reset()
+
+
+def _edit(model, edits, **overrides):
+    settings = EditSettings(**{**SETTINGS, "self_replace_min_downscale": 1, **overrides})
+    return run_edit(model, PROMPTS, edits, settings=settings)
+
+
+def test_compiled_edit_is_one_graph_and_matches_eager(fresh_model) -> None:
+    eager = _edit(fresh_model, [Replace(), LocalBlend(words=["cat", "dog"], mask_downscale=1)])
+    fresh_model.compile(backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first = _edit(fresh_model, [Replace(), LocalBlend(words=["cat", "dog"], mask_downscale=1)])
+        # A second run with new plugin and controller objects reuses the graph too.
+        second = _edit(fresh_model, [Replace(), LocalBlend(words=["cat", "dog"], mask_downscale=1)])
+    assert _unique_graphs() == 1
+    # Static mode materialises every layer's probabilities (softmax instead of the fused
+    # kernel), so results agree to float32 rounding, not bit for bit.
+    torch.testing.assert_close(first.latents, eager.latents, atol=1e-4, rtol=0)
+    assert torch.equal(first.latents, second.latents)
+    assert first.edits[1].mask is not None
+    assert torch.equal(first.edits[1].mask, eager.edits[1].mask)
+    # The target really was edited (not the source twice, not the plain target prompt).
+    assert not torch.allclose(first.latents[0], first.latents[1], atol=1e-3)
+
+
+def test_compiled_refine_reweight_and_separate_uncond_pass(fresh_model) -> None:
+    prompts = ["a cat on a mat", "a fluffy cat on a mat"]
+    settings = EditSettings(**SETTINGS, separate_uncond_pass=True, self_replace_min_downscale=1)
+
+    def edits():
+        return [Refine(), Reweight(weights={"fluffy": 3.0})]
+
+    eager = run_edit(fresh_model, prompts, edits(), settings=settings)
+    fresh_model.compile(backend="eager", fullgraph=True)
+    compiled = run_edit(fresh_model, prompts, edits(), settings=settings)
+    # The unconditional pass (no controlled rows) and the conditional one: two graphs for
+    # all six steps (one per step and pass would be 12).
+    assert _unique_graphs() == 2
+    torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-4, rtol=0)
+
+
+def test_compiled_generation_without_edits(fresh_model) -> None:
+    eager = run_edit(fresh_model, PROMPTS[:1], settings=EditSettings(steps=3))
+    fresh_model.compile(backend="eager", fullgraph=True)
+    compiled = run_edit(fresh_model, PROMPTS[:1], settings=EditSettings(steps=3))
+    # Nothing to control: every layer keeps the fused kernel, so the result is identical.
+    assert torch.equal(compiled.latents, eager.latents)
+
+
+def test_load_model_compile_option_and_bad_mode(tiny_model_dir: Path) -> None:
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32", compile=True)
+    assert model.compiled and model.compile_mode == "default"  # auto on a CPU
+    plain = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    assert not plain.compiled
+    with pytest.raises(OptionError, match="unknown mode 'fast'"):
+        plain.compile("fast")
+    assert not plain.compiled
+
+
+def _layer(is_cross: bool, downscale: int = 1) -> AttentionLayer:
+    return AttentionLayer("up_blocks.1.attentions.0", "up", is_cross, (4, 4), downscale)
+
+
+@pytest.mark.parametrize("is_cross", [True, False])
+def test_static_schedules_equal_eager_branches_at_every_step(is_cross: bool) -> None:
+    steps, tokens = 5, 6
+    # Target 0 injected on steps 0-2 for all tokens; target 1 only on token 2, steps 1-3.
+    table = torch.zeros(steps + 1, 2, tokens)
+    table[0:3, 0] = 1
+    table[1:4, 1, 2] = 1
+
+    class Double(Replace):
+        def setup(self, run):  # noqa: ANN001, ANN201
+            pass
+
+        def cross_attention(self, injected, targets, layer):  # noqa: ANN001, ANN201
+            return injected * 2
+
+    def controller(static: bool) -> AttentionController:
+        return AttentionController(
+            [Double()],
+            cross_table=table,
+            self_window=(2, 4),
+            self_replace_min_downscale=1,
+            latent_size=(4, 4),
+            num_steps=steps,
+            static=static,
+        )
+
+    eager, static = controller(False), controller(True)
+    generator = torch.Generator().manual_seed(0)
+    keys = tokens if is_cross else 16
+    layer = _layer(is_cross)
+    for step in range(steps):
+        probs = torch.rand(6, 2, 16, keys, generator=generator)
+        outputs = []
+        for ctrl in (eager, static):
+            ctrl.begin_call(step, slice(3, 6))
+            if ctrl.static:  # a fixed plan: the layer materialises at every step
+                assert ctrl.wants(layer)
+            outputs.append(ctrl.attend(probs.clone(), layer) if ctrl.wants(layer) else probs)
+        assert torch.equal(outputs[0], outputs[1]), f"step {step}"
+        changed = not torch.equal(outputs[1], probs)
+        expected = step < 4 if is_cross else 2 <= step < 4
+        assert changed == expected, f"step {step}"
+        assert torch.equal(outputs[1][:4], probs[:4])  # unconditional rows and the source
+
+
+def test_store_allocated_sums_and_missing_resolution() -> None:
+    store = AttentionStore()
+    store.track(downscale=2, cross=True)
+    store.track(downscale=8, cross=True)
+    store.allocate(2, 5, (16, 12), torch.device("cpu"))
+    layer = AttentionLayer("down_blocks.1.attentions.0", "down", True, (8, 6), 2)
+    maps = torch.rand(2, 3, 48, 5)
+    store.add(layer, maps)
+    store.add(layer, 3 * maps)
+    expected = (2 * maps.mean(dim=1)).reshape(2, 8, 6, 5)
+    torch.testing.assert_close(store.average(downscale=2), expected)
+    # Allocated but never filled (no layer at 1/8 of this latent) reads as missing.
+    with pytest.raises(KeyError, match="1/8"):
+        store.average(downscale=8)
+    assert store.nbytes() == (2 * 48 * 5 + 2 * (2 * 2) * 5) * 4  # 1/8 of 16x12: a 2x2 grid
+
+
+@pytest.mark.slow
+def test_inductor_compiled_edit_matches_eager(fresh_model) -> None:
+    edits = [Replace(), LocalBlend(words=["cat", "dog"], mask_downscale=1)]
+    eager = _edit(fresh_model, edits)
+    fresh_model.compile("default")
+    compiled = _edit(fresh_model, [Replace(), LocalBlend(words=["cat", "dog"], mask_downscale=1)])
+    assert _unique_graphs() == 1
+    torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-3, rtol=0)
