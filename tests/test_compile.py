@@ -94,6 +94,23 @@ def test_compiled_generation_without_edits(fresh_model) -> None:
     assert torch.equal(compiled.latents, eager.latents)
 
 
+def test_compiled_null_text_inversion_graphs_and_result(fresh_model) -> None:
+    from PIL import Image
+
+    from p2p_framework.inversion import invert
+
+    pixels = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(0))
+    photo = Image.fromarray((pixels * 255).to(torch.uint8).numpy())
+    eager = invert(fresh_model, photo, "a cat on a mat", "null-text", num_steps=4)
+    fresh_model.compile(backend="eager", fullgraph=True)
+    compiled = invert(fresh_model, photo, "a cat on a mat", "null-text", num_steps=4)
+    # Forward without grad (batch 1 and 2) and forward+backward (batch 1): three graphs for
+    # the whole inversion, whatever the number of steps and inner steps.
+    assert _unique_graphs() == 3
+    torch.testing.assert_close(compiled.uncond_embeddings, eager.uncond_embeddings)
+    assert compiled.steps == eager.steps
+
+
 def test_load_model_compile_option_and_bad_mode(tiny_model_dir: Path) -> None:
     model = load_model(tiny_model_dir, device="cpu", dtype="float32", compile=True)
     assert model.compiled and model.compile_mode == "default"  # auto on a CPU
