@@ -1,8 +1,8 @@
 """Cost of a Prompt-to-Prompt edit against diffusers' plain generation of the same prompts.
 
 Builds a Stable-Diffusion-shaped model with random weights whose UNet dominates the run time
-(SD 1.x block layout at the ``--preset``'s width), then times, each in a fresh
-process so that peak memory (max RSS) is its own:
+(SD 1.5's block layout at the ``--preset``'s width, from :mod:`p2p_framework.random_models`),
+then times, each in a fresh process so that peak memory (max RSS) is its own:
 
 - ``diffusers``: ``StableDiffusionPipeline`` generating the 2 prompts (UNet batch 4);
 - ``edit``: ``run_edit`` with a replace edit on the same 2 prompts (and local blend with
@@ -35,42 +35,28 @@ SOURCE = "a painting of a squirrel eating a burger"
 TARGET = "a painting of a lion eating a burger"
 
 
-PRESETS = {
-    # name: (UNet level-1 channels, latent size, text width); "sd15" is SD 1.5's UNet config
-    "quick": (32, 16, None),
-    "cpu": (96, 32, None),
-    "sd15": (320, 64, 768),
-}
+def _presets() -> dict:
+    from p2p_framework.random_models import ARCHITECTURES, narrow
+
+    # name: (architecture of p2p_framework.random_models, latent size)
+    return {
+        "quick": (ARCHITECTURES["sd15-small"], 16),
+        "cpu": (narrow(ARCHITECTURES["sd15"], 96), 32),
+        "sd15": (ARCHITECTURES["sd15"], 64),
+    }
+
+
+PRESETS = ("quick", "cpu", "sd15")
 
 
 def build_model(folder: Path, preset: str) -> None:
-    """A tiny-model pipeline folder whose UNet (and text encoder) are replaced by larger ones
-    with random weights: the SD 1.x block layout at the preset's width."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A pipeline folder of random weights (p2p_framework.random_models): SD 1.5's block
+    layout at the preset's width (``sd15``: SD 1.5 itself)."""
+    from p2p_framework.random_models import build_random_model, diffusers_pipeline
 
-    from p2p_framework.tiny_models import save_tiny_pipeline
-
-    width, sample_size, text_width = PRESETS[preset]
-    save_tiny_pipeline(folder, sample_size=sample_size)
-    cross_dim = UNet2DConditionModel.load_config(folder / "unet")["cross_attention_dim"]
-    torch.manual_seed(0)
-    if text_width is not None:
-        config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
-        config.hidden_size, config.intermediate_size = text_width, 4 * text_width
-        config.num_attention_heads, config.projection_dim = 12, text_width
-        CLIPTextModel(config).save_pretrained(folder / "text_encoder")
-        cross_dim = text_width
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(width, 2 * width, 4 * width, 4 * width),
-        layers_per_block=2,
-        attention_head_dim=8,
-        cross_attention_dim=cross_dim,
-    )
-    unet.save_pretrained(folder / "unet")
+    arch, sample_size = _presets()[preset]
+    model = build_random_model(arch, device="cpu", dtype="float32", sample_size=sample_size)
+    diffusers_pipeline(model).save_pretrained(folder)
 
 
 def worker(kind: str, folder: str, steps: int, blend: bool, device: str) -> dict:
@@ -164,7 +150,8 @@ def main() -> None:
             rows.append((steps, plain, edit))
 
     edit_name = "replace + local blend" if args.blend else "replace"
-    width, sample_size, _ = PRESETS[args.preset]
+    arch, sample_size = _presets()[args.preset]
+    width = arch.unet["block_out_channels"][0]
     if args.device == "cuda":
         where = f"{torch.cuda.get_device_name()}, float16"
     else:

@@ -94,62 +94,12 @@ def synthetic_photo(size: int) -> Image.Image:
     return Image.fromarray(np.stack([red, green, blue], -1).round().astype(np.uint8))
 
 
-def random_sd(device: str, dtype: str):
-    """A randomly initialised model with SD 1.x's UNet and VAE sizes (timing only).
-
-    The text encoder is a 2-layer CLIP of SD's width (its cost does not matter here).
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from p2p_framework.model import SD_DDIM_CONFIG, StableDiffusionModel, pick_device, pick_dtype
-    from p2p_framework.tiny_models import DEFAULT_WORDS, build_clip_tokenizer
-
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
-    tokenizer = build_clip_tokenizer(DEFAULT_WORDS, tempfile.mkdtemp(prefix="p2p-tok-"))
-    torch.manual_seed(0)
-    with torch.device(torch_device):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=2,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    for module in (unet, vae, text):
-        module.to(dtype=torch_dtype).eval().requires_grad_(False)
-    scheduler = DDIMScheduler(**SD_DDIM_CONFIG)
-    return StableDiffusionModel(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        scheduler_config=dict(scheduler.config),
-        identity={"model": "random SD 1.x-sized model (timing only)"},
-    )
-
-
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     torch.set_num_threads(args.threads)
     if args.random_sd:
-        model = random_sd(args.device, args.dtype)
+        from p2p_framework.random_models import build_random_model
+
+        model = build_random_model("sd15", device=args.device, dtype=args.dtype)
         scale = 1.0
     elif args.model:
         model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -263,15 +213,39 @@ def describe(meta: dict[str, Any]) -> str:
     )
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) the ``## Inversion`` section of ``path``, nothing else."""
+def _section(marker: str, title: str, stop: str) -> re.Pattern[str]:
+    return re.compile(rf"^{marker} {re.escape(title)}[ \t]*\n.*?(?={stop}|\Z)", re.S | re.M)
+
+
+def write_section(
+    path: Path, body: str, title: str = "Inversion", parent: str | None = None
+) -> None:
+    """Replace (or append) the ``## title`` section of ``path``, nothing else.
+
+    With ``parent``, the section is the ``### title`` subsection of ``## parent`` (added at the
+    parent's end if new; the parent is appended to the file if missing).
+    """
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    section = f"## Inversion\n\n{body.strip()}\n"
-    pattern = re.compile(r"^## Inversion\s*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    if parent is None:
+        section = f"## {title}\n\n{body.strip()}\n"
+        pattern = _section("##", title, "^## ")
+        if pattern.search(text):
+            text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+        else:
+            text = text.rstrip() + "\n\n" + section
     else:
-        text = text.rstrip() + "\n\n" + section
+        outer = _section("##", parent, "^## ")
+        if not outer.search(text):
+            text = text.rstrip() + f"\n\n## {parent}\n"
+        match = outer.search(text)
+        assert match is not None
+        inner, section = match.group(0), f"### {title}\n\n{body.strip()}\n"
+        pattern = _section("###", title, "^##")
+        if pattern.search(inner):
+            inner = pattern.sub(lambda _: section + "\n", inner, count=1)
+        else:
+            inner = inner.rstrip() + "\n\n" + section + "\n"
+        text = (text[: match.start()] + inner + text[match.end() :]).rstrip() + "\n"
     path.write_text(text, encoding="utf-8")
 
 

@@ -1,0 +1,417 @@
+"""Stable Diffusion-sized pipelines with random weights from the published configs, for timing.
+
+Benchmarks need the real architectures (speed and memory depend on the layer sizes, not on
+the weights), and nothing here may download multi-GB checkpoints. This module builds them in
+memory from their published configs:
+
+* ``sd15``: Stable Diffusion 1.5 (UNet 859.5 M parameters, CLIP ViT-L/14 text encoder
+  123.1 M, VAE 83.7 M), 512 px, epsilon prediction;
+* ``sd21``: Stable Diffusion 2.1 (UNet 865.9 M, OpenCLIP ViT-H/14 text encoder as a
+  ``CLIPTextModel`` 340.4 M, the same VAE), 768 px, v-prediction;
+* ``sd15-small`` and ``sd21-small``: the same block layouts (levels, layers per block,
+  attention placement, head counts, linear or convolutional projections, prediction type)
+  with narrow channels and a 2-layer text encoder, for smoke runs on a CPU.
+
+::
+
+    from p2p_framework.random_models import build_random_model, diffusers_pipeline
+
+    model = build_random_model("sd15", device="cuda")   # a StableDiffusionModel
+    pipe = diffusers_pipeline(model)                    # diffusers' pipeline, same modules
+
+The tokenizer is :func:`p2p_framework.tiny_models.build_clip_tokenizer` (offline, a small
+vocabulary in which :data:`~p2p_framework.tiny_models.DEFAULT_WORDS` are single tokens); its
+ids stay below the text encoders' published vocabulary size (49408). Images made with these
+models are noise: use them for time and memory only.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .model import SD_DDIM_CONFIG, StableDiffusionModel, pick_device, pick_dtype
+from .tiny_models import DEFAULT_WORDS, build_clip_tokenizer
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "architecture",
+    "build_random_model",
+    "build_text_encoder",
+    "build_unet",
+    "build_vae",
+    "diffusers_pipeline",
+    "narrow",
+    "parameter_counts",
+]
+
+#: CLIP's published vocabulary size (OpenAI CLIP and OpenCLIP share the BPE vocabulary).
+CLIP_VOCAB_SIZE = 49408
+
+_CROSS_ATTENTION_LAYOUT: dict[str, Any] = {
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+}
+
+# SD 1.5's UNet: https://huggingface.co/runwayml/stable-diffusion-v1-5/blob/main/unet/config.json
+# (also the defaults of diffusers' UNet2DConditionModel; 859,520,964 parameters).
+_SD15_UNET: dict[str, Any] = {
+    **_CROSS_ATTENTION_LAYOUT,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "norm_num_groups": 32,
+    "attention_head_dim": 8,  # diffusers' legacy name: 8 heads per layer (40..160 wide)
+    "cross_attention_dim": 768,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+    "sample_size": 64,
+}
+
+# SD 2.1 (768 px, v-prediction):
+# https://huggingface.co/stabilityai/stable-diffusion-2-1/blob/main/unet/config.json.
+# diffusers' single-file converter (create_unet_diffusers_config_from_ldm in
+# diffusers/loaders/single_file_utils.py) derives the same from Stability's
+# v2-inference-v.yaml: num_head_channels 64 -> attention_head_dim (heads) = 320 / 64 times the
+# channel multipliers (1, 2, 4, 4) = (5, 10, 20, 20); use_linear_in_transformer -> linear
+# projections; context_dim 1024. 865,910,724 parameters.
+_SD21_UNET: dict[str, Any] = {
+    **_CROSS_ATTENTION_LAYOUT,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "norm_num_groups": 32,
+    "attention_head_dim": (5, 10, 20, 20),
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "sample_size": 96,
+}
+
+# The VAE of SD 1.x and 2.x (identical layout; SD 2.1's is configured for 768 px):
+# https://huggingface.co/runwayml/stable-diffusion-v1-5/blob/main/vae/config.json
+# (83,653,863 parameters).
+_SD_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+# SD 1.5's text encoder, the text tower of OpenAI's CLIP ViT-L/14:
+# https://huggingface.co/runwayml/stable-diffusion-v1-5/blob/main/text_encoder/config.json
+# (= text_config of openai/clip-vit-large-patch14; 123,060,480 parameters).
+_CLIP_L_TEXT: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-5,
+}
+
+# SD 2.x's text encoder, OpenCLIP ViT-H/14's text tower as a CLIPTextModel:
+# https://huggingface.co/stabilityai/stable-diffusion-2-1/blob/main/text_encoder/config.json.
+# SD 2 conditions on the penultimate layer of the 24-layer tower (layer: "penultimate" in
+# v2-inference-v.yaml), so the converted model keeps 23 layers; 340,387,840 parameters.
+_OPENCLIP_H_TEXT: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "projection_dim": 512,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-5,
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family's layer sizes.
+
+    Attributes:
+        name: ``sd15``, ``sd21``, ``sd15-small``, ``sd21-small``, or a :func:`narrow` one.
+        title: how tables name it.
+        unet: keyword arguments of ``UNet2DConditionModel``.
+        vae: keyword arguments of ``AutoencoderKL``.
+        text_encoder: keyword arguments of ``CLIPTextConfig`` (vocabulary and special token
+            ids are added when building).
+        prediction_type: ``epsilon`` or ``v_prediction`` (the scheduler's).
+        parameters: the published parameter counts (``unet``, ``vae``, ``text_encoder``) of
+            a full-size architecture; empty for narrow variants.
+    """
+
+    name: str
+    title: str
+    unet: Mapping[str, Any]
+    vae: Mapping[str, Any]
+    text_encoder: Mapping[str, Any]
+    prediction_type: str
+    parameters: Mapping[str, int]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The image size in pixels the architecture was trained at (512 or 768)."""
+        return int(self.unet["sample_size"]) * self.vae_scale_factor
+
+    @property
+    def small(self) -> bool:
+        """Whether this is a narrow variant (no published parameter counts)."""
+        return not self.parameters
+
+
+#: The VAE of the narrow variants (decoding cost is not what they are for).
+SMALL_VAE: dict[str, Any] = {
+    **_SD_VAE,
+    "block_out_channels": (16, 32, 32, 32),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+
+
+def narrow(
+    arch: Architecture,
+    width: int,
+    *,
+    text_width: int | None = None,
+    text_layers: int = 2,
+    name: str | None = None,
+) -> Architecture:
+    """``arch``'s block layout with narrow channels, for runs on a CPU.
+
+    The UNet keeps its levels, layers per block, attention placement, head counts,
+    projections and prediction type; its level ``i`` gets ``width`` times SD's channel
+    multiplier (1, 2, 4, 4). The text encoder keeps its head count and activation with
+    ``text_width`` (default ``3 * width``, rounded up to a multiple of the heads) and
+    ``text_layers`` layers; the VAE is :data:`SMALL_VAE`.
+
+    Args:
+        name: default ``"{arch.name}-w{width}"``.
+
+    Raises:
+        ValueError: a width that the heads do not divide.
+    """
+    multipliers = [c // arch.unet["block_out_channels"][0] for c in arch.unet["block_out_channels"]]
+    channels = tuple(width * m for m in multipliers)
+    heads = arch.unet["attention_head_dim"]
+    per_level = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,) * len(channels)
+    if any(c % h for c, h in zip(channels, per_level, strict=True)):
+        raise ValueError(f"width {width}: channels {channels} do not split into {per_level} heads")
+    text_heads = arch.text_encoder["num_attention_heads"]
+    if text_width is None:
+        text_width = -(-3 * width // text_heads) * text_heads
+    if text_width % text_heads:
+        raise ValueError(f"text width {text_width} does not split into {text_heads} heads")
+    unet = {
+        **arch.unet,
+        "block_out_channels": channels,
+        "norm_num_groups": math.gcd(32, *channels),
+        "cross_attention_dim": text_width,
+    }
+    text = {
+        **arch.text_encoder,
+        "hidden_size": text_width,
+        "intermediate_size": 4 * text_width,
+        "num_hidden_layers": text_layers,
+        "projection_dim": text_width,
+    }
+    vae = {**SMALL_VAE, "sample_size": arch.vae["sample_size"]}
+    name = name or f"{arch.name}-w{width}"
+    title = f"{arch.title} layout, width {width}"
+    return Architecture(name, title, unet, vae, text, arch.prediction_type, {})
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "sd15": Architecture(
+        "sd15",
+        "SD 1.5",
+        _SD15_UNET,
+        _SD_VAE,
+        _CLIP_L_TEXT,
+        "epsilon",
+        {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    ),
+    "sd21": Architecture(
+        "sd21",
+        "SD 2.1",
+        _SD21_UNET,
+        {**_SD_VAE, "sample_size": 768},
+        _OPENCLIP_H_TEXT,
+        "v_prediction",
+        {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+    ),
+}
+
+# Narrow copies for CPU smoke runs: heads keep their counts (8; 5/10/20/20) and get narrower
+# (4 to 16 channels; 8), 2 text layers. UNets of 8.7 M and 13.6 M parameters.
+ARCHITECTURES["sd15-small"] = narrow(ARCHITECTURES["sd15"], 32, text_width=96, name="sd15-small")
+ARCHITECTURES["sd21-small"] = narrow(ARCHITECTURES["sd21"], 40, text_width=128, name="sd21-small")
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture called ``name`` (a key of :data:`ARCHITECTURES`).
+
+    Raises:
+        ValueError: unknown name (SDXL is not supported yet).
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def _resolve(arch: Architecture | str) -> Architecture:
+    return arch if isinstance(arch, Architecture) else architecture(arch)
+
+
+def build_unet(arch: Architecture | str, *, sample_size: int | None = None) -> Any:
+    """A randomly initialised ``UNet2DConditionModel`` of ``arch``, on torch's default device.
+
+    Args:
+        sample_size: latent size the config records (the model's default image size / 8);
+            any multiple of 8 runs. Default: the architecture's (64, or 96 for SD 2.1).
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = dict(_resolve(arch).unet)
+    if sample_size is not None:
+        config["sample_size"] = sample_size
+    return UNet2DConditionModel(**config)
+
+
+def build_vae(arch: Architecture | str) -> Any:
+    """A randomly initialised ``AutoencoderKL`` of ``arch``, on torch's default device."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**_resolve(arch).vae)
+
+
+def build_text_encoder(arch: Architecture | str, tokenizer: Any = None) -> Any:
+    """A randomly initialised ``CLIPTextModel`` of ``arch``, on torch's default device.
+
+    The vocabulary is CLIP's published one (49408 entries); ``tokenizer`` (if given) supplies
+    the special token ids and must have at most that many tokens.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    special: dict[str, int] = {}
+    if tokenizer is not None:
+        if len(tokenizer) > CLIP_VOCAB_SIZE:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, over {CLIP_VOCAB_SIZE}")
+        special = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, **_resolve(arch).text_encoder, **special)
+    return CLIPTextModel(config)
+
+
+def parameter_counts(arch: Architecture | str) -> dict[str, int]:
+    """Parameters of the UNet, VAE and text encoder, counted on the meta device (no memory)."""
+    arch = _resolve(arch)
+    with torch.device("meta"):
+        modules = {
+            "unet": build_unet(arch),
+            "vae": build_vae(arch),
+            "text_encoder": build_text_encoder(arch),
+        }
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+
+
+def build_random_model(
+    arch: Architecture | str,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    seed: int = 0,
+    sample_size: int | None = None,
+    words: Iterable[str] = DEFAULT_WORDS,
+) -> StableDiffusionModel:
+    """A :class:`~p2p_framework.model.StableDiffusionModel` of ``arch`` with random weights.
+
+    Built in memory, directly on ``device`` (nothing is saved), deterministic for a seed on a
+    given device; the global random state is left alone. The scheduler is SD's DDIM
+    (:data:`~p2p_framework.model.SD_DDIM_CONFIG`) with the architecture's prediction type.
+
+    Args:
+        arch: a name of :data:`ARCHITECTURES` or an :class:`Architecture`.
+        device: ``auto`` (CUDA, then MPS, then CPU) or a torch device.
+        dtype: ``auto`` (float16 on a GPU, float32 on CPU) or a dtype (name).
+        seed: seed of the random weights.
+        sample_size: the UNet's recorded latent size (default image size / 8); a run can use
+            any size with ``EditSettings(height=..., width=...)``.
+        words: words that are single tokens of the tokenizer.
+    """
+    from diffusers import DDIMScheduler
+
+    arch = _resolve(arch)
+    torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, torch_device)
+    with tempfile.TemporaryDirectory(prefix="p2p-tokenizer-") as folder:
+        tokenizer = build_clip_tokenizer(words, folder)
+    forked = [torch_device] if torch_device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), torch.device(torch_device):
+        torch.manual_seed(seed)
+        unet = build_unet(arch, sample_size=sample_size)
+        vae = build_vae(arch)
+        text_encoder = build_text_encoder(arch, tokenizer)
+    for module in (unet, vae, text_encoder):
+        # nn.Module.to: diffusers' own .to(dtype=...) warns about float32 modules it has none of
+        torch.nn.Module.to(module, dtype=torch_dtype).eval().requires_grad_(False)
+    scheduler = DDIMScheduler(**SD_DDIM_CONFIG, prediction_type=arch.prediction_type)
+    return StableDiffusionModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=dict(scheduler.config),
+        identity={"model": f"random {arch.title} (timing only)", "architecture": arch.name},
+    )
+
+
+def diffusers_pipeline(model: StableDiffusionModel, scheduler: str = "ddim") -> Any:
+    """diffusers' ``StableDiffusionPipeline`` sharing ``model``'s modules (no copy).
+
+    The scheduler is ``model.make_scheduler(scheduler)`` (DDIM with the papers' settings by
+    default), so both run the same trajectory; no safety checker; progress bar off.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=model.make_scheduler(scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
