@@ -54,7 +54,6 @@ class ControllerGroup:
         self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
         self.latent_size: tuple[int, int] = tuple(controllers[0].latent_size)  # type: ignore[assignment]
         self.errors: dict[int, P2PError] = {}
-        self._wanted: tuple[AttentionLayer, list[int]] | None = None
         self._unet: Any = None
         self._original: dict[str, Any] | None = None
 
@@ -106,7 +105,6 @@ class ControllerGroup:
             cond_rows: the conditional rows of the whole batch (``total_rows`` of them), or
                 None for a call without conditional rows.
         """
-        self._wanted = None
         for index, controller in enumerate(self.controllers):
             rows = None if cond_rows is None else self.job_rows(index, cond_rows.start or 0)
             controller.begin_call(step, rows)
@@ -118,9 +116,7 @@ class ControllerGroup:
 
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether any job reads or changes this layer's probabilities in the current call."""
-        wanting = [i for i, c in self._active() if c.wants(layer)]
-        self._wanted = (layer, wanting)
-        return bool(wanting)
+        return any(c.wants(layer) for i, c in self._active())
 
     def attend(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
         """Apply, job after job, the controllers that want this layer; each edits and records
@@ -132,15 +128,11 @@ class ControllerGroup:
         Returns:
             the same shape.
         """
-        if self._wanted is not None and self._wanted[0] is layer:
-            wanting = self._wanted[1]
-        else:
-            wanting = [i for i, c in self._active() if c.wants(layer)]
-        for index in wanting:
-            if index in self.errors:
+        for index, controller in enumerate(self.controllers):
+            if index in self.errors or not controller.wants(layer):
                 continue
             try:
-                probs = self.controllers[index].attend(probs, layer)
+                probs = controller.attend(probs, layer)
             except P2PError as error:
                 self.errors[index] = error
         return probs

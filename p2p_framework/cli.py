@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from .errors import P2PError
-from .jobs import MODEL_ENV
+from .jobs import AUTO_BATCH_ROWS, MODEL_ENV
 from .model import SCHEDULERS
 
 #: Exit status of bad input (an unknown plugin, a bad value, a missing file...).
@@ -675,6 +675,18 @@ def plugins_command(as_json: bool, kind: str | None, **_: Any) -> None:
                 click.echo(f"        {option.help}")
 
 
+def _batch_rows(ctx: click.Context, param: click.Parameter, value: Any) -> int | str:
+    if value is None or str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise click.BadParameter(f"expected a positive integer or auto, got {value!r}")
+    return rows
+
+
 @cli.command("run")
 @click.argument("pipeline_file", type=click.Path(path_type=Path), metavar="PIPELINE.toml")
 @click.option(
@@ -700,6 +712,19 @@ def plugins_command(as_json: bool, kind: str | None, **_: Any) -> None:
     help="Precision for jobs that name none. Default: the file's, else auto. E.g. --dtype float16",
 )
 @click.option(
+    "--batch-rows",
+    default="auto",
+    show_default=True,
+    callback=_batch_rows,
+    metavar="N|auto",
+    help="Most UNet rows per batch: jobs that share a model, steps, guidance on/off, size "
+    "and scheduler run in one UNet batch of up to N rows (a job of P prompts takes 2P rows "
+    "with guidance; a larger job runs alone); 1 runs the jobs one at a time. auto: "
+    f"{AUTO_BATCH_ROWS['cuda']} on a GPU; on the CPU "
+    f"{AUTO_BATCH_ROWS['cpu']}, since batching gains little there (docs/benchmarks.md). "
+    "Each job's images are the same either way, up to float rounding. E.g. --batch-rows 32",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -712,10 +737,12 @@ def run_command(
     model: str | None,
     device: str | None,
     dtype: str | None,
+    batch_rows: int | str,
     as_json: bool,
     **_: Any,
 ) -> None:
-    """Run the jobs of a pipeline file (TOML), loading each model once.
+    """Run the jobs of a pipeline file (TOML), loading each model once and batching the jobs
+    that can share a UNet batch (--batch-rows).
 
     A failing job is reported and the others still run; the exit status is 1 if any failed.
     The format is in docs/cli.md.
@@ -753,6 +780,7 @@ def run_command(
         _log(f"[{index + 1}/{total}] {name}")
 
     def progress(name: str) -> Callable[[int, int, dict[str, Any]], None] | None:
+        bars.close()  # one bar at a time: the previous job's (or batch's) is done
         return bars.enter_context(_progress(name))
 
     def on_done(outcome: JobOutcome) -> None:
@@ -781,6 +809,7 @@ def run_command(
             progress=progress,
             command=_argv(),
             warn=_warn,
+            max_batch_rows=batch_rows,
         )
     failed = [o.name for o in outcomes if not o.ok]
     _log(f"{len(outcomes) - len(failed)} of {len(outcomes)} job(s) succeeded")

@@ -77,6 +77,12 @@ JOB_KEYS = (
     "save_attention",
     "out",
 )
+#: UNet rows per batch that ``max_batch_rows="auto"`` (``p2p-run run --batch-rows auto``)
+#: gives, by device type: on a GPU a batch of 16 rows (4 one-target edits) fills the device
+#: better than 4; on the CPU the UNet's cost grows with its rows and batching gained little
+#: (see docs/benchmarks.md), so jobs run one at a time. Other devices use the ``cpu`` entry.
+AUTO_BATCH_ROWS: dict[str, int] = {"cuda": 16, "cpu": 1}
+
 #: Keys of a pipeline file's top level.
 PIPELINE_KEYS = ("model", "revision", "device", "dtype", "out", "defaults", "jobs")
 
@@ -604,6 +610,78 @@ def model_changed(spec: JobSpec, model: Any) -> str | None:
 # -- running ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _StartedJob:
+    """A job whose output folder is ready and whose plugins are built, before its run."""
+
+    spec: JobSpec
+    out: Path
+    existed: bool
+    source: Any
+    edits: list[Any]
+    settings: Any
+    began: float
+    setup_seconds: float = 0.0
+
+    def discard(self) -> None:
+        """Remove the output folder if this job created it and wrote nothing into it."""
+        if not self.existed:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+
+def _start_job(spec: JobSpec, out_dir: str | os.PathLike[str] | None, registry: Any) -> _StartedJob:
+    """Check (and create) the output folder, then build the plugins and settings."""
+    from .outputs import prepare_output_dir
+    from .pipeline import EditSettings
+
+    began = time.perf_counter()
+    target = out_dir if out_dir is not None else spec.out
+    if target is None:
+        raise JobError("no output folder given (--out)")
+    existed = Path(target).exists()
+    out = prepare_output_dir(target)
+    started = _StartedJob(spec, out, existed, None, [], None, began)
+    try:
+        started.source, started.edits = build_plugins(spec, registry)
+        started.settings = EditSettings(**spec.settings)
+    except BaseException:
+        started.discard()
+        raise
+    started.setup_seconds = time.perf_counter() - began
+    return started
+
+
+def _finish_job(
+    started: _StartedJob,
+    result: Any,
+    model: Any,
+    load_seconds: float,
+    *,
+    registry: Any,
+    command: Sequence[str] | None,
+    elapsed: float | None = None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Write a finished job's files. ``elapsed``: seconds to count as the job's time before
+    writing (for a batched job, its own setup, load, source, batch denoising and decode);
+    default: the wall time since the job started."""
+    from .outputs import write_run
+
+    began = started.began if elapsed is None else time.perf_counter() - elapsed
+    return write_run(
+        result,
+        started.out,
+        model,
+        mode=started.spec.mode,
+        save_attention=started.spec.save_attention,
+        registry=registry,
+        timings={"load_model": load_seconds},
+        command=command,
+        name=started.spec.name,
+        started=began,
+    )
+
+
 def run_job(
     spec: JobSpec,
     out_dir: str | os.PathLike[str] | None = None,
@@ -622,48 +700,30 @@ def run_job(
     Returns:
         ``(record, paths)``: the ``run.json`` record and the files written.
     """
-    from .outputs import prepare_output_dir, write_run
-    from .pipeline import EditSettings, run_edit
+    from .pipeline import run_edit
     from .registry import get_registry
 
-    began = time.perf_counter()
     registry = registry if registry is not None else get_registry()
-    target = out_dir if out_dir is not None else spec.out
-    if target is None:
-        raise JobError("no output folder given (--out)")
-    existed = Path(target).exists()
-    out = prepare_output_dir(target)
+    started = _start_job(spec, out_dir, registry)
     try:
-        source, edits = build_plugins(spec, registry)
         models = models if models is not None else ModelCache()
         model, load_seconds = models.get(spec)
         if spec.identity and warn is not None:
             changed = model_changed(spec, model)
             if changed:
                 warn(changed)
-        settings = EditSettings(**spec.settings)
         result = run_edit(
-            model, spec.prompts, edits, source=source, settings=settings, progress=progress
+            model,
+            spec.prompts,
+            started.edits,
+            source=started.source,
+            settings=started.settings,
+            progress=progress,
         )
     except BaseException:
-        if not existed:  # leave no empty folder behind a run that wrote nothing
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        started.discard()  # leave no empty folder behind a run that wrote nothing
         raise
-    timings = {"load_model": load_seconds}
-    record, paths = write_run(
-        result,
-        out,
-        model,
-        mode=spec.mode,
-        save_attention=spec.save_attention,
-        registry=registry,
-        timings=timings,
-        command=command,
-        name=spec.name,
-        started=began,
-    )
-    return record, paths
+    return _finish_job(started, result, model, load_seconds, registry=registry, command=command)
 
 
 # -- pipeline files ---------------------------------------------------------------------------
@@ -770,6 +830,18 @@ def pipeline_job_spec(
     return spec
 
 
+def _error_text(error: BaseException) -> str:
+    return str(error) if isinstance(error, P2PError) else f"{type(error).__name__}: {error}"
+
+
+def _batch_label(names: Sequence[str]) -> str:
+    """A progress label for a batch: the job's name, or ``N jobs: a, b, c``."""
+    if len(names) == 1:
+        return names[0]
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} jobs ({shown})"
+
+
 def run_pipeline(
     pipeline: Pipeline,
     *,
@@ -782,48 +854,156 @@ def run_pipeline(
     progress: Callable[[str], Callable[[int, int, dict[str, Any]], None] | None] | None = None,
     command: Sequence[str] | None = None,
     warn: Callable[[str], None] | None = None,
+    max_batch_rows: int | str | None = 1,
 ) -> list[JobOutcome]:
     """Run every job of a pipeline; a failing job (a :class:`P2PError` or ``OSError``) is
-    recorded and the next one runs. Other exceptions (bugs) propagate.
+    recorded and the others run. Other exceptions (bugs) propagate.
+
+    First every job is resolved, its output folder checked and its plugins built (a job that
+    fails there is done with). Then, model by model (in the order the file first names them,
+    each loaded once), the jobs run through :func:`p2p_framework.pipeline.iter_edits`: jobs
+    that share steps, guidance on/off, image size, scheduler and ``separate_uncond_pass`` go
+    into one UNet batch of at most ``max_batch_rows`` rows, and each job's files are written as
+    soon as its batch is done. Each job's images and record are what it gives alone (up to
+    float rounding of the larger batch); its ``denoise`` timing is its batch's.
 
     Args:
-        on_start: ``on_start(index, total, name)`` before each job.
-        on_done: called with each job's outcome.
-        progress: ``progress(name)`` gives the per-step callback of a job, or None.
+        on_start: ``on_start(index, total, name)`` before each job is resolved.
+        on_done: called with each job's outcome, when it has failed or its files are written.
+        progress: ``progress(label)`` gives the per-step callback of a job or batch, or None;
+            ``label`` is the job's name, or ``"N jobs (a, b, ...)"`` for a batch.
+        max_batch_rows: most UNet rows per batch (a job of ``P`` prompts takes ``2 P`` with
+            guidance); 1 runs the jobs one at a time (as ``p2p-run edit`` would); None: no
+            limit; ``"auto"``: :data:`AUTO_BATCH_ROWS` for the model's device.
+
+    Returns:
+        The outcomes, in the file's job order.
     """
+    from .pipeline import EditJob, iter_edits
+    from .registry import get_registry
+
+    registry = registry if registry is not None else get_registry()
     models = models if models is not None else ModelCache()
-    outcomes = []
     total = len(pipeline.jobs)
+    outcomes = [JobOutcome(pipeline.job_name(i), ok=False) for i in range(total)]
+    started: dict[int, _StartedJob] = {}
+    pending: set[int] = set()
+
+    def finish(index: int, error: BaseException | None = None) -> None:
+        outcome = outcomes[index]
+        if error is not None:
+            outcome.error = _error_text(error)
+            if index in started:
+                started[index].discard()
+        pending.discard(index)
+        if on_done is not None:
+            on_done(outcome)
+
+    # 1. Resolve every job, check its output folder and build its plugins.
     for index in range(total):
-        name = pipeline.job_name(index)
         if on_start is not None:
-            on_start(index, total, name)
-        outcome = JobOutcome(name, ok=False)
+            on_start(index, total, outcomes[index].name)
         try:
             spec = pipeline_job_spec(
                 pipeline, index, registry, overrides=overrides, out_root=out_root
             )
-            outcome.out = Path(spec.out) if spec.out else None
-            record, paths = run_job(
-                spec,
-                registry=registry,
-                models=models,
-                progress=progress(name) if progress is not None else None,
-                command=command,
-                warn=warn,
-            )
-            outcome.ok, outcome.record, outcome.paths = True, record, paths
+            outcomes[index].out = Path(spec.out) if spec.out else None
+            started[index] = _start_job(spec, None, registry)
+            pending.add(index)
         except (P2PError, OSError) as error:
-            outcome.error = (
-                str(error) if isinstance(error, P2PError) else f"{type(error).__name__}: {error}"
-            )
-        outcomes.append(outcome)
-        if on_done is not None:
-            on_done(outcome)
+            finish(index, error)
+
+    # 2. Model by model, run the jobs in batches and write each job's files.
+    by_model: dict[tuple[Any, ...], list[int]] = {}
+    for index, job in started.items():
+        spec = job.spec
+        key = (model_from_env(spec.model), spec.revision, spec.device, spec.dtype)
+        by_model.setdefault(key, []).append(index)
+    try:
+        for indices in by_model.values():
+            first = started[indices[0]].spec
+            try:
+                model, load_seconds = models.get(first)
+            except (P2PError, OSError) as error:
+                for index in indices:
+                    finish(index, error)
+                continue
+            if warn is not None:
+                for index in indices:
+                    changed = model_changed(started[index].spec, model)
+                    if changed:
+                        warn(changed)
+            names = [outcomes[i].name for i in indices]
+            callbacks: dict[str, Any] = {}
+
+            def on_progress(
+                done: int,
+                steps: int,
+                info: dict[str, Any],
+                names: list[str] = names,
+                callbacks: dict[str, Any] = callbacks,
+            ) -> None:
+                if "job" in info:
+                    label = names[info["job"]]
+                else:
+                    label = _batch_label([names[i] for i in info.get("jobs", [])])
+                if label not in callbacks:
+                    callbacks[label] = progress(label) if progress is not None else None
+                callback = callbacks[label]
+                if callback is not None:
+                    shown = {k: v for k, v in info.items() if k not in ("job", "jobs")}
+                    callback(done, steps, shown)
+
+            rows = max_batch_rows
+            if rows == "auto":
+                rows = AUTO_BATCH_ROWS.get(model.device.type, AUTO_BATCH_ROWS["cpu"])
+            jobs = [
+                EditJob(
+                    started[i].spec.prompts,
+                    started[i].edits,
+                    started[i].source,
+                    started[i].settings,
+                )
+                for i in indices
+            ]
+            for position, result in iter_edits(
+                model,
+                jobs,
+                max_batch_rows=rows,  # type: ignore[arg-type]
+                progress=on_progress,
+                errors="return",
+            ):
+                index = indices[position]
+                if isinstance(result, BaseException):
+                    finish(index, result)
+                    continue
+                job = started[index]
+                elapsed = job.setup_seconds + load_seconds + sum(result.timings.values())
+                try:
+                    record, paths = _finish_job(
+                        job,
+                        result,
+                        model,
+                        load_seconds,
+                        registry=registry,
+                        command=command,
+                        elapsed=elapsed,
+                    )
+                except (P2PError, OSError) as error:
+                    finish(index, error)
+                    continue
+                outcome = outcomes[index]
+                load_seconds = 0.0  # the load counts once, for the first job written
+                outcome.ok, outcome.record, outcome.paths = True, record, paths
+                finish(index)
+    finally:
+        for index in pending:  # interrupted: leave no empty folder behind
+            started[index].discard()
     return outcomes
 
 
 __all__ = [
+    "AUTO_BATCH_ROWS",
     "JOB_KEYS",
     "MODEL_ENV",
     "JobError",
