@@ -53,6 +53,7 @@ JOB_KEYS = (
     "revision",
     "device",
     "dtype",
+    "compile",
     "prompt",
     "prompts",
     "target",
@@ -84,7 +85,7 @@ JOB_KEYS = (
 AUTO_BATCH_ROWS: dict[str, int] = {"cuda": 16, "cpu": 1}
 
 #: Keys of a pipeline file's top level.
-PIPELINE_KEYS = ("model", "revision", "device", "dtype", "out", "defaults", "jobs")
+PIPELINE_KEYS = ("model", "revision", "device", "dtype", "compile", "out", "defaults", "jobs")
 
 
 class JobError(P2PError):
@@ -110,7 +111,8 @@ class JobSpec:
         source: the source plugin and its options.
         edits: the edit plugins, in order, with their options.
         settings: every :class:`~p2p_framework.EditSettings` field.
-        model, revision, device, dtype: what :func:`~p2p_framework.load_model` is given.
+        model, revision, device, dtype, compile: what :func:`~p2p_framework.load_model` is
+            given.
         save_attention: write ``attention.png``.
         out: output folder (None: the caller decides).
         name: the job's name in a pipeline file.
@@ -127,6 +129,7 @@ class JobSpec:
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False
     save_attention: bool = False
     out: str | None = None
     name: str | None = None
@@ -293,6 +296,15 @@ def _default_source(merged: Mapping[str, Any]) -> str:
     if merged.get("image") is not None:
         return "null-text"
     return "seed"
+
+
+def _flag(value: Any, key: str) -> bool:
+    """A yes/no key of a job or pipeline file (absent means no)."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise JobError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def model_from_env(model: str | None) -> str:
@@ -470,6 +482,7 @@ def job_from_options(
         revision=merged.get("revision"),
         device=str(device),
         dtype=str(dtype),
+        compile=_flag(merged.get("compile"), "compile"),
         save_attention=bool(save_attention),
         out=str(out) if out else None,
         name=str(name) if name else None,
@@ -508,6 +521,7 @@ def job_from_record(record: Mapping[str, Any]) -> JobSpec:
             revision=identity.get("commit") or identity.get("revision"),
             device=identity.get("device", "auto"),
             dtype=identity.get("dtype", "auto"),
+            compile=bool(identity.get("compile")),
             save_attention=bool(record.get("save_attention", False)),
             name=record.get("name"),
             identity=identity,
@@ -560,7 +574,7 @@ class ModelCache:
     """Keeps the last loaded model, so jobs that share a model load it once.
 
     Args:
-        loader: ``loader(model, device=, dtype=, revision=)`` (default
+        loader: ``loader(model, device=, dtype=, revision=, compile=)`` (default
             :func:`~p2p_framework.load_model`).
         size: how many models to keep (1: a job naming another model replaces it).
     """
@@ -576,14 +590,20 @@ class ModelCache:
         from .model import load_model
 
         model_name = model_from_env(spec.model)
-        key = (model_name, spec.revision, spec.device, spec.dtype)
+        key = (model_name, spec.revision, spec.device, spec.dtype, spec.compile)
         if key in self._models:
             model = self._models.pop(key)
             self._models[key] = model
             return model, 0.0
         began = time.perf_counter()
         loader = self._loader or load_model
-        model = loader(model_name, device=spec.device, dtype=spec.dtype, revision=spec.revision)
+        model = loader(
+            model_name,
+            device=spec.device,
+            dtype=spec.dtype,
+            revision=spec.revision,
+            compile=spec.compile,
+        )
         self.loads += 1
         self._models[key] = model
         while len(self._models) > self._size:
@@ -819,7 +839,8 @@ def pipeline_job_spec(
     ``overrides`` (the command line's ``--model``, ``--device``, ``--dtype``), else from the
     file's ``[defaults]``, else from the file's top level. Its output folder is its ``out``,
     else ``OUT_ROOT/NAME``."""
-    base = {k: v for k, v in pipeline.top.items() if k in ("model", "revision", "device", "dtype")}
+    shared = ("model", "revision", "device", "dtype", "compile")
+    base = {k: v for k, v in pipeline.top.items() if k in shared}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     job = dict(pipeline.jobs[index])
     job.setdefault("name", pipeline.job_name(index))
@@ -917,7 +938,7 @@ def run_pipeline(
     by_model: dict[tuple[Any, ...], list[int]] = {}
     for index, job in started.items():
         spec = job.spec
-        key = (model_from_env(spec.model), spec.revision, spec.device, spec.dtype)
+        key = (model_from_env(spec.model), spec.revision, spec.device, spec.dtype, spec.compile)
         by_model.setdefault(key, []).append(index)
     try:
         for indices in by_model.values():

@@ -383,6 +383,7 @@ def run_record(
             **json_ready(dict(model.identity)),
             "device": str(model.device),
             "dtype": dtype_name(model.dtype),
+            "compile": getattr(model, "compile_mode", None),
             "family": getattr(model, "family", "stable-diffusion"),
         },
         "prompts": list(result.prompts),

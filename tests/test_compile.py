@@ -195,3 +195,71 @@ def test_inductor_compiled_edit_matches_eager(fresh_model) -> None:
     compiled = _edit(fresh_model, [Replace(), LocalBlend(words=["cat", "dog"], mask_downscale=1)])
     assert _unique_graphs() == 1
     torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-3, rtol=0)
+
+
+@pytest.fixture
+def trace_only_compile(monkeypatch: pytest.MonkeyPatch):
+    """``--compile`` with Dynamo's tracing but not inductor's code generation (minutes)."""
+    from p2p_framework.model import StableDiffusionModel
+
+    original = StableDiffusionModel.compile
+
+    def compile_traced(self, mode="auto", *, backend="inductor", fullgraph=False):  # noqa: ANN001, ANN202
+        original(self, mode, backend="eager", fullgraph=True)
+        self.compile_mode = "default" if mode == "auto" else mode
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(StableDiffusionModel, "compile", compile_traced)
+    yield
+    torch._dynamo.reset()
+
+
+def test_cli_compile_flag_is_recorded_and_rerun(
+    trace_only_compile, registry, tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from p2p_framework.cli import cli
+    from p2p_framework.jobs import MODEL_ENV
+
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    common = ["--prompt", "a cat on a mat", "--target", "a dog on a mat", "--steps", "3"]
+    common += ["--height", "64", "--width", "64", "--device", "cpu", "--dtype", "float32"]
+    common += ["--model", str(tiny_model_dir)]
+
+    def invoke(*args: str):
+        result = CliRunner().invoke(cli, list(args), obj=registry)
+        assert result.exit_code == 0, result.output
+        return result
+
+    invoke("edit", *common, "--out", str(tmp_path / "eager"))
+    invoke("edit", *common, "--compile", "--out", str(tmp_path / "compiled"))
+    record = json.loads((tmp_path / "compiled" / "run.json").read_text())
+    assert record["model"]["compile"] == "default"
+    assert json.loads((tmp_path / "eager" / "run.json").read_text())["model"]["compile"] is None
+    for name in ("source.png", "target-1.png"):
+        eager = np.asarray(Image.open(tmp_path / "eager" / name), dtype=np.int16)
+        compiled = np.asarray(Image.open(tmp_path / "compiled" / name), dtype=np.int16)
+        assert np.abs(eager - compiled).max() <= 1  # float rounding at most
+    invoke("rerun", str(tmp_path / "compiled"), "--out", str(tmp_path / "again"))
+    again = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert again["model"]["compile"] == "default"
+    for name in ("source.png", "target-1.png"):
+        first = (tmp_path / "compiled" / name).read_bytes()
+        assert (tmp_path / "again" / name).read_bytes() == first
+
+    pipeline = tmp_path / "jobs.toml"
+    pipeline.write_text(
+        f'model = "{tiny_model_dir}"\ndevice = "cpu"\ndtype = "float32"\ncompile = true\n'
+        "[defaults]\nsteps = 3\nheight = 64\nwidth = 64\n"
+        '[[jobs]]\nname = "dog"\nprompt = "a cat on a mat"\ntargets = ["a dog on a mat"]\n'
+    )
+    invoke("run", str(pipeline), "--out", str(tmp_path / "batch"))
+    record = json.loads((tmp_path / "batch" / "dog" / "run.json").read_text())
+    assert record["model"]["compile"] == "default"
+    first = (tmp_path / "compiled" / "target-1.png").read_bytes()
+    assert (tmp_path / "batch" / "dog" / "target-1.png").read_bytes() == first
