@@ -585,12 +585,17 @@ class ModelCache:
         self._models: dict[tuple[Any, ...], Any] = {}
         self.loads = 0
 
+    @staticmethod
+    def key(spec: JobSpec) -> tuple[Any, ...]:
+        """What tells two jobs' models apart: jobs with equal keys share one model."""
+        return (model_from_env(spec.model), spec.revision, spec.device, spec.dtype, spec.compile)
+
     def get(self, spec: JobSpec) -> tuple[Any, float]:
         """The model of ``spec`` and the seconds spent loading it (0 when cached)."""
         from .model import load_model
 
         model_name = model_from_env(spec.model)
-        key = (model_name, spec.revision, spec.device, spec.dtype, spec.compile)
+        key = self.key(spec)
         if key in self._models:
             model = self._models.pop(key)
             self._models[key] = model
@@ -937,9 +942,7 @@ def run_pipeline(
     # 2. Model by model, run the jobs in batches and write each job's files.
     by_model: dict[tuple[Any, ...], list[int]] = {}
     for index, job in started.items():
-        spec = job.spec
-        key = (model_from_env(spec.model), spec.revision, spec.device, spec.dtype, spec.compile)
-        by_model.setdefault(key, []).append(index)
+        by_model.setdefault(ModelCache.key(job.spec), []).append(index)
     try:
         for indices in by_model.values():
             first = started[indices[0]].spec
