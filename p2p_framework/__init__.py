@@ -21,7 +21,7 @@ from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
 from .options import OptionInfo, Plugin
 from .outputs import attention_image, grid_image
-from .pipeline import EditResult, EditSettings, run_edit
+from .pipeline import EditJob, EditResult, EditSettings, run_edit, run_edits
 from .registry import PluginInfo, PluginRegistry, get_registry
 from .source import Source, SourceRequest, SourceStart
 from .store import AttentionLayer, AttentionStore
@@ -34,6 +34,7 @@ __all__ = [
     "AttentionStore",
     "ControlledAttnProcessor",
     "Edit",
+    "EditJob",
     "EditResult",
     "EditSettings",
     "ModelLoadError",
@@ -56,4 +57,5 @@ __all__ = [
     "hookimpl",
     "load_model",
     "run_edit",
+    "run_edits",
 ]
