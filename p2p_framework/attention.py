@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,50 @@ def attention_probabilities(
     return scores.softmax(dim=-1)
 
 
-class AttentionController:
+_Installer = TypeVar("_Installer", bound="ProcessorInstaller")
+
+
+class ProcessorInstaller:
+    """Installs :class:`ControlledAttnProcessor` objects answering to ``self`` on a UNet.
+
+    Base of :class:`AttentionController` and of
+    :class:`~p2p_framework.batch.ControllerGroup`: anything with ``wants``, ``attend`` and
+    ``latent_size`` can stand behind the processors.
+    """
+
+    _unet: Any = None
+    _original: dict[str, Any] | None = None
+
+    def install(self, unet: Any) -> None:
+        """Put a controlled processor on every attention layer of ``unet``."""
+        if self._unet is not None:
+            raise RuntimeError(f"this {type(self).__name__} is already installed")
+        self._original = dict(unet.attn_processors)
+        processors = {
+            key: ControlledAttnProcessor(self, key.rsplit(".processor", 1)[0])  # type: ignore[arg-type]
+            for key in self._original
+        }
+        unet.set_attn_processor(processors)
+        self._unet = unet
+
+    def remove(self) -> None:
+        """Restore the processors the UNet had before :meth:`install`."""
+        if self._unet is not None and self._original is not None:
+            self._unet.set_attn_processor(self._original)
+        self._unet = None
+        self._original = None
+
+    @contextmanager
+    def installed(self: _Installer, unet: Any) -> Iterator[_Installer]:
+        """Context manager: install on ``unet`` and always remove afterwards."""
+        self.install(unet)
+        try:
+            yield self
+        finally:
+            self.remove()
+
+
+class AttentionController(ProcessorInstaller):
     """Applies edits to the attention of a UNet's conditional rows.
 
     Two modes give the same result:
@@ -219,38 +262,7 @@ class AttentionController:
         self._step_index: torch.Tensor | None = None
         self.step = 0
         self.cond_rows: slice | None = None
-        self._unet: Any = None
-        self._original: dict[str, Any] | None = None
         self.to(torch.device("cpu"))
-
-    # -- installation ---------------------------------------------------------------------
-    def install(self, unet: Any) -> None:
-        """Put a controlled processor on every attention layer of ``unet``."""
-        if self._unet is not None:
-            raise RuntimeError("this controller is already installed")
-        self._original = dict(unet.attn_processors)
-        processors = {
-            key: ControlledAttnProcessor(self, key.rsplit(".processor", 1)[0])
-            for key in self._original
-        }
-        unet.set_attn_processor(processors)
-        self._unet = unet
-
-    def remove(self) -> None:
-        """Restore the processors the UNet had before :meth:`install`."""
-        if self._unet is not None and self._original is not None:
-            self._unet.set_attn_processor(self._original)
-        self._unet = None
-        self._original = None
-
-    @contextmanager
-    def installed(self, unet: Any) -> Iterator[AttentionController]:
-        """Context manager: install on ``unet`` and always remove afterwards."""
-        self.install(unet)
-        try:
-            yield self
-        finally:
-            self.remove()
 
     # -- per call -------------------------------------------------------------------------
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> AttentionController:

@@ -14,17 +14,15 @@ rows further down.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 
-from .attention import AttentionController, ControlledAttnProcessor
+from .attention import AttentionController, ProcessorInstaller
 from .errors import OptionError, P2PError
 from .store import AttentionLayer
 
 
-class ControllerGroup:
+class ControllerGroup(ProcessorInstaller):
     """One :class:`AttentionController` per job, over one UNet batch.
 
     The jobs' conditional rows lie one after the other in the order given: with ``rows =
@@ -54,42 +52,11 @@ class ControllerGroup:
         self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
         self.latent_size: tuple[int, int] = tuple(controllers[0].latent_size)  # type: ignore[assignment]
         self.errors: dict[int, P2PError] = {}
-        self._unet: Any = None
-        self._original: dict[str, Any] | None = None
 
     @property
     def total_rows(self) -> int:
         """Conditional rows of the whole batch (the sum of the jobs' prompts)."""
         return sum(self.rows)
-
-    # -- installation (as AttentionController.install, with the group as the controller) ------
-    def install(self, unet: Any) -> None:
-        """Put a controlled processor, answering to this group, on every attention layer."""
-        if self._unet is not None:
-            raise RuntimeError("this controller group is already installed")
-        self._original = dict(unet.attn_processors)
-        processors = {
-            key: ControlledAttnProcessor(self, key.rsplit(".processor", 1)[0])  # type: ignore[arg-type]
-            for key in self._original
-        }
-        unet.set_attn_processor(processors)
-        self._unet = unet
-
-    def remove(self) -> None:
-        """Restore the processors the UNet had before :meth:`install`."""
-        if self._unet is not None and self._original is not None:
-            self._unet.set_attn_processor(self._original)
-        self._unet = None
-        self._original = None
-
-    @contextmanager
-    def installed(self, unet: Any) -> Iterator[ControllerGroup]:
-        """Context manager: install on ``unet`` and always remove afterwards."""
-        self.install(unet)
-        try:
-            yield self
-        finally:
-            self.remove()
 
     # -- per call -------------------------------------------------------------------------
     def job_rows(self, index: int, first: int = 0) -> slice:

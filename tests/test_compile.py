@@ -86,6 +86,27 @@ def test_compiled_refine_reweight_and_separate_uncond_pass(fresh_model) -> None:
     torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-4, rtol=0)
 
 
+def test_compiled_batch_of_jobs_is_one_graph(fresh_model) -> None:
+    from p2p_framework import EditJob, run_edits
+
+    def jobs() -> list[EditJob]:
+        settings = EditSettings(**SETTINGS, self_replace_min_downscale=1)
+        blend = LocalBlend(words=["cat", "dog"], mask_downscale=1)
+        return [
+            EditJob(PROMPTS, [Replace(), blend], settings=settings),
+            EditJob(["a cat on a mat", "a fluffy cat on a mat"], [Refine()], settings=settings),
+        ]
+
+    eager = run_edits(fresh_model, jobs())
+    fresh_model.compile(backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = run_edits(fresh_model, jobs())
+    assert _unique_graphs() == 1
+    assert compiled[0].batch == compiled[1].batch == [0, 1]  # really one UNet batch
+    for solo, batched in zip(eager, compiled):
+        torch.testing.assert_close(batched.latents, solo.latents, atol=1e-4, rtol=0)
+
+
 def test_compiled_generation_without_edits(fresh_model) -> None:
     eager = run_edit(fresh_model, PROMPTS[:1], settings=EditSettings(steps=3))
     fresh_model.compile(backend="eager", fullgraph=True)
