@@ -23,11 +23,13 @@ decodes; diffusers runs with ``output_type="pil"`` and no safety checker). Each 
 run (inversions: 1 step, 2 inner steps), then the best of ``--repeats`` runs (inversions:
 ``--inversion-repeats``), CUDA synchronised; UNet calls are counted. Peak memory: on CUDA
 ``max_memory_allocated`` over the timed runs (``reset_peak_memory_stats`` after the warm-up);
-on a CPU each row runs in a forked child of the process that built the model, whose peak RSS
-(``VmHWM``, reset through ``/proc/self/clear_refs`` as the child starts, so warm-up included:
-memory freed by the allocator stays resident) is its own; ``--no-isolate`` runs the rows
-in-process and reports no CPU memory. "above start" is the peak minus the memory at the
-start (CUDA: allocated after the warm-up, i.e. the weights; CPU: the child's first RSS).
+on a CPU each run of a row (its warm-up, then one timed run) is a forked child of the process
+that built the model, whose peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` as the
+child starts, so warm-up included: memory freed by the allocator stays resident) is its own;
+the rows take turns, one run each per round, so a shared machine's changing load spreads over
+all of them; ``--no-isolate`` runs the rows in-process and reports no CPU memory. "above
+start" is the peak minus the memory at the start (CUDA: allocated after the warm-up, i.e. the
+weights; CPU: the child's first RSS).
 
 Usage::
 
@@ -235,7 +237,8 @@ class Bench:
                 if spec.materialise:
                     edits.append(MaterialiseAll())
                 result = run_edit(model, [SOURCE, TARGET], edits, settings=self.settings(steps))
-                return {"store_bytes": result.attention_store.nbytes()}
+                timings = {k: round(v, 4) for k, v in result.timings.items()}
+                return {"store_bytes": result.attention_store.nbytes(), "timings": timings}
 
             return edit
         options = dict(spec.options)
@@ -266,7 +269,10 @@ class Bench:
 
         return inversion
 
-    def measure(self, spec: RowSpec) -> dict[str, Any]:
+    def repeats(self, spec: RowSpec) -> int:
+        return self.args.inversion_repeats if spec.kind == "invert" else self.args.repeats
+
+    def measure(self, spec: RowSpec, repeats: int | None = None) -> dict[str, Any]:
         """Warm-up, then the best of the repeats; on CUDA, peak memory over the timed runs."""
         row: dict[str, Any] = {"key": spec.key, "label": spec.label}
         if spec.compiled:
@@ -278,17 +284,18 @@ class Bench:
                 self.model.compile(**{k: v for k, v in options.items() if v})
             row["compile_mode"] = getattr(self.model, "compile_mode", self.args.compile_mode)
             row["compile_backend"] = self.args.compile_backend or "inductor"
-        repeats = self.args.inversion_repeats if spec.kind == "invert" else self.args.repeats
+        repeats = repeats or self.repeats(spec)
         hook = None
         if not spec.compiled:  # a hook would be traced into a compiled UNet
             hook = self.model.unet.register_forward_pre_hook(self._count, with_kwargs=True)
         try:
-            warm = self.runner(spec, warm=True)
-            self.sync()
-            began = time.perf_counter()
-            warm()
-            self.sync()
-            row["first_run_s"] = time.perf_counter() - began
+            if self.args.warmup or spec.compiled:
+                warm = self.runner(spec, warm=True)
+                self.sync()
+                began = time.perf_counter()
+                warm()
+                self.sync()
+                row["first_run_s"] = time.perf_counter() - began
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()
                 row["base_mb"] = torch.cuda.memory_allocated() / 2**20
@@ -338,10 +345,11 @@ def _reset_peak_rss() -> bool:
 
 
 def _child(bench: Bench, spec: RowSpec, threads: int, conn: Any) -> None:
+    """One timed run of ``spec`` (after its warm-up), with this process's peak RSS."""
     try:
         torch.set_num_threads(threads)
         reset, base = _reset_peak_rss(), _status_kb("VmRSS")
-        row = bench.measure(spec)
+        row = bench.measure(spec, repeats=1)
         peak = _status_kb("VmHWM")
         if reset and peak is not None and base is not None:
             row["peak_mb"] = peak / 1024  # warm-up included: freed memory stays resident
@@ -374,6 +382,41 @@ def _measure_isolated(bench: Bench, spec: RowSpec, threads: int) -> dict[str, An
     return row
 
 
+def _rounds(bench: Bench, specs: list[RowSpec], threads: int, name: str) -> list[dict]:
+    """Every row once per round, each run in its own child, for as many rounds as repeats.
+
+    Interleaving rows spreads the load of a shared machine over all of them (a row run
+    back to back would take whatever load its minutes had). Per row: the fastest run, and the
+    highest peak memory of its children.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {spec.key: [] for spec in specs}
+    for index in range(max(bench.repeats(spec) for spec in specs)):
+        for spec in specs:
+            if index >= bench.repeats(spec) or any("error" in r for r in runs[spec.key]):
+                continue
+            print(f"  {name}: {spec.key}, run {index + 1} ...", file=sys.stderr, flush=True)
+            _trim_heap()
+            runs[spec.key].append(_measure_isolated(bench, spec, threads))
+    rows = []
+    for spec in specs:
+        done = runs[spec.key]
+        failed = [r for r in done if "error" in r]
+        if failed:
+            rows.append(failed[0])
+            continue
+        row = dict(min(done, key=lambda r: r["seconds"]))
+        row["repeats"] = len(done)
+        row["all_seconds"] = [r["seconds"] for r in done]
+        peaks = [r for r in done if "peak_mb" in r]
+        if peaks:
+            top = max(peaks, key=lambda r: r["peak_mb"])
+            row["peak_mb"], row["base_mb"] = top["peak_mb"], top["base_mb"]
+        rows.append(row)
+    for row in rows:
+        print(f"  {format_row(row, rows[0])}", file=sys.stderr, flush=True)
+    return rows
+
+
 def _trim_heap() -> None:
     """Give freed heap pages back, so forked children start from the live memory only."""
     try:
@@ -398,20 +441,19 @@ def run_architecture(name: str, args: argparse.Namespace, photo_maker: Callable)
     build_s = time.perf_counter() - began
     bench = Bench(model, args, photo_maker(args.size))
     specs = select_rows(args)
-    rows = []
-    for spec in specs:
-        print(f"  {arch.name}: {spec.key} ...", file=sys.stderr, flush=True)
-        if isolate:
-            _trim_heap()
-            row = _measure_isolated(bench, spec, args.threads)
-        else:
+    if isolate:
+        rows = _rounds(bench, specs, args.threads, arch.name)
+    else:
+        rows = []
+        for spec in specs:
+            print(f"  {arch.name}: {spec.key} ...", file=sys.stderr, flush=True)
             try:
                 row = bench.measure(spec)
             except Exception as error:  # one failing row must not lose the others
                 traceback.print_exc()
                 row = {"key": spec.key, "label": spec.label, "error": _error_text(error)}
-        rows.append(row)
-        print(f"  {format_row(row, rows[0])}", file=sys.stderr, flush=True)
+            rows.append(row)
+            print(f"  {format_row(row, rows[0])}", file=sys.stderr, flush=True)
     result = {
         "arch": arch.name,
         "title": arch.title,
@@ -493,8 +535,9 @@ def targets(result: dict[str, Any]) -> str:
     null_text = [row for key, row in rows.items() if key.startswith("null-text")]
     if null_text:
         fastest = min(null_text, key=lambda row: row["seconds"])
-        name = f"null-text inversion ({fastest['label'].removeprefix('inversion: ')})"
-        check(name, fastest["seconds"], TARGET_NULL_TEXT_S, " s")
+        check(
+            f"null-text inversion ({fastest['key']})", fastest["seconds"], TARGET_NULL_TEXT_S, " s"
+        )
     if not checks:
         return ""
     return f"{result['title']}: " + "; ".join(checks) + "."
@@ -517,15 +560,15 @@ def describe(meta: dict[str, Any]) -> str:
     threads = f", {meta['threads']} thread(s)" if meta["device"] == "cpu" else ""
     memory = {
         "cuda": "peak memory: torch.cuda.max_memory_allocated over the timed runs",
-        "rss": "peak memory: VmHWM of a forked child per row, warm-up included",
+        "rss": "rows interleaved, one forked child per run; peak memory: its VmHWM",
         None: "no CPU memory figures (rows in one process)",
     }[meta["memory"]]
     return (
         f"{meta['card']}, {meta['dtype']}{threads}; {meta['date']}; torch {v['torch']}, "
         f"diffusers {v['diffusers']}, transformers {v['transformers']}, Python {v['python']}. "
         f"2 prompts, guidance {GUIDANCE:g} (UNet batch 4), DDIM, decode to PIL included on both "
-        f"sides; best of {meta['repeats']} (inversions: {meta['inversion_repeats']}) after a "
-        f"warm-up; {memory}."
+        f"sides; best of {meta['repeats']} (inversions: {meta['inversion_repeats']})"
+        f"{' after a warm-up' if meta['warmup'] else ', no warm-up'}; {memory}."
     )
 
 
@@ -555,6 +598,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dest="isolate",
         action="store_false",
         help="on a CPU, run the rows in this process (no memory figures)",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="no warm-up run (compiled rows keep theirs): for CPU runs of seconds per UNet call",
     )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument(
@@ -590,28 +639,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": versions(),
         "repeats": args.repeats,
         "inversion_repeats": args.inversion_repeats,
+        "warmup": args.warmup,
         "small": args.small,
         "memory": "cuda" if device.type == "cuda" else ("rss" if args.isolate else None),
         "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     results = [run_architecture(name, args, helpers.synthetic_photo) for name in args.arch]
 
-    parts = [describe(meta), ""]
-    for result in results:
-        parts += [table(result), ""]
-    summary = [line for line in (targets(result) for result in results) if line]
-    if summary:
-        parts += ["Targets (set for an H100, SD 1.5, 512 px, 50 steps): " + " ".join(summary)]
-    text = "\n".join(parts).rstrip() + "\n"
-    print(text)
+    def report(chosen: list[dict[str, Any]]) -> str:
+        parts = [describe(meta), ""]
+        for result in chosen:
+            parts += [table(result), ""]
+        summary = [line for line in (targets(result) for result in chosen) if line]
+        if summary:
+            parts += ["Targets (set for an H100, SD 1.5, 512 px, 50 steps): " + " ".join(summary)]
+        return "\n".join(parts).rstrip() + "\n"
+
+    print(report(results))
     output = {"meta": meta, "results": results}
     if args.json:
         args.json.write_text(json.dumps(output, indent=1) + "\n", encoding="utf-8")
-    if args.write_docs:
-        what = "small variants (smoke check)" if args.small else f"{args.size} px"
-        title = f"{args.machine or card}, {what}"
-        body = f"Command: `{meta['command']}`\n\n{text}"
-        helpers.write_section(args.write_docs, body, title=title, parent=SECTION)
+    if args.write_docs:  # one subsection per machine, architecture and size
+        for result in results:
+            title = f"{args.machine or card}, {result['title']}, {result['size']} px"
+            body = f"Command: `{meta['command']}`\n\n{report([result])}"
+            helpers.write_section(args.write_docs, body, title=title, parent=SECTION)
     return output
 
 

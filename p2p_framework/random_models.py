@@ -10,7 +10,11 @@ memory from their published configs:
   ``CLIPTextModel`` 340.4 M, the same VAE), 768 px, v-prediction;
 * ``sd15-small`` and ``sd21-small``: the same block layouts (levels, layers per block,
   attention placement, head counts, linear or convolutional projections, prediction type)
-  with narrow channels and a 2-layer text encoder, for smoke runs on a CPU.
+  with narrow channels and a 2-layer text encoder, for smoke runs on a CPU (:func:`narrow`
+  makes other widths).
+
+SDXL (two text encoders, added time conditioning) waits for an SDXL adapter next to
+:class:`~p2p_framework.model.StableDiffusionModel`.
 
 ::
 
@@ -40,6 +44,7 @@ from .tiny_models import DEFAULT_WORDS, build_clip_tokenizer
 
 __all__ = [
     "ARCHITECTURES",
+    "CLIP_VOCAB_SIZE",
     "Architecture",
     "architecture",
     "build_random_model",
@@ -202,6 +207,7 @@ def narrow(
     text_width: int | None = None,
     text_layers: int = 2,
     name: str | None = None,
+    title: str | None = None,
 ) -> Architecture:
     """``arch``'s block layout with narrow channels, for runs on a CPU.
 
@@ -213,6 +219,7 @@ def narrow(
 
     Args:
         name: default ``"{arch.name}-w{width}"``.
+        title: default ``"{arch.title} layout, width {width}"``.
 
     Raises:
         ValueError: a width that the heads do not divide.
@@ -243,7 +250,7 @@ def narrow(
     }
     vae = {**SMALL_VAE, "sample_size": arch.vae["sample_size"]}
     name = name or f"{arch.name}-w{width}"
-    title = f"{arch.title} layout, width {width}"
+    title = title or f"{arch.title} layout, width {width}"
     return Architecture(name, title, unet, vae, text, arch.prediction_type, {})
 
 
@@ -270,8 +277,15 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # Narrow copies for CPU smoke runs: heads keep their counts (8; 5/10/20/20) and get narrower
 # (4 to 16 channels; 8), 2 text layers. UNets of 8.7 M and 13.6 M parameters.
-ARCHITECTURES["sd15-small"] = narrow(ARCHITECTURES["sd15"], 32, text_width=96, name="sd15-small")
-ARCHITECTURES["sd21-small"] = narrow(ARCHITECTURES["sd21"], 40, text_width=128, name="sd21-small")
+for _name, _width, _text_width in (("sd15", 32, 96), ("sd21", 40, 128)):
+    _full = ARCHITECTURES[_name]
+    ARCHITECTURES[f"{_name}-small"] = narrow(
+        _full,
+        _width,
+        text_width=_text_width,
+        name=f"{_name}-small",
+        title=f"{_full.title} layout, small (width {_width})",
+    )
 
 
 def architecture(name: str) -> Architecture:

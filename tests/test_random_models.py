@@ -187,4 +187,5 @@ def test_scale_benchmark_small_runs_end_to_end(tmp_path):
     if sys.platform == "linux":
         assert all(row["peak_mb"] > 0 for row in rows.values())
     text = docs.read_text()
-    assert "## Speed at scale" in text and "### test machine, small variants" in text
+    assert "## Speed at scale" in text
+    assert "### test machine, SD 1.5 layout, small (width 32), 64 px" in text
