@@ -49,6 +49,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": args.warmup,
         "small": args.small,
         "memory": "cuda" if device.type == "cuda" else ("rss" if args.isolate else None),
-        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "benchmarks/scale.py", *(argv or sys.argv[1:])]),
     }
     results = [run_architecture(name, args, helpers.synthetic_photo) for name in args.arch]
 
