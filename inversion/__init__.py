@@ -19,7 +19,7 @@ from .cache import InversionCache, cache_key, default_cache_dir
 from .ddim import check_ddim_scheduler, scheduler_signature
 from .errors import ImageError, InversionError, InversionFileError, InversionMismatchError
 from .images import MIN_SIDE, image_hash, image_to_tensor, load_image, parse_crop, prepare_image
-from .methods import METHODS, NullTextOptions, method_options
+from .methods import METHODS, NullTextOptions, method_options, resolve_options
 from .result import SUFFIX, Inversion
 
 __all__ = [
@@ -43,5 +43,6 @@ __all__ = [
     "method_options",
     "parse_crop",
     "prepare_image",
+    "resolve_options",
     "scheduler_signature",
 ]

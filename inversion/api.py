@@ -16,12 +16,12 @@ from .ddim import (
     DDIMMath,
     UNetCounter,
     ddim_inversion,
-    float32_unet,
     fresh_scheduler,
     scheduler_signature,
+    unet_precision,
 )
 from .images import ImageInput, image_hash, image_to_tensor, parse_crop, prepare_image
-from .methods import METHODS, InversionJob, method_options
+from .methods import METHODS, InversionJob, method_options, resolve_options
 from .result import Inversion
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
@@ -75,7 +75,9 @@ def invert(
             has ``phase`` (``ddim-inversion`` or ``null-text``) and, during null-text
             optimisation, ``loss`` and ``inner_steps``.
         **method_options_: the method's options; ``null-text``: ``num_inner_steps`` (10),
-            ``early_stop_epsilon`` (1e-5), ``reuse_cond`` (False), ``batch_cond`` (False).
+            ``early_stop_epsilon`` (1e-5), ``reuse_cond`` (False), ``batch_cond`` (False),
+            ``unet_precision`` (``auto``: float16 for a model loaded in float16, else float32;
+            recorded resolved).
 
     Returns:
         The :class:`Inversion` (float32 tensors on the CPU).
@@ -120,9 +122,12 @@ def invert(
 
         return report
 
-    unet = UNetCounter(model)
     math = DDIMMath(ddim)
-    with float32_unet(model):
+    options = resolve_options(options, model)
+    precision = getattr(options, "unet_precision", "float32")
+    # Both stages (DDIM inversion, then the method's) run the UNet in one precision.
+    with unet_precision(model, precision) as autocast:
+        unet = UNetCounter(model, autocast)
         z0 = model.encode_image(pixels).float()
         cond = model.encode_text([prompt]).float()
         null = model.encode_text([""]).float()

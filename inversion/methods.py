@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from p2p_framework.errors import OptionError
 
-from .ddim import DDIMMath, UNetCounter
+from .ddim import PRECISIONS, DDIMMath, UNetCounter, resolve_precision
+from .errors import InversionError
 
 
 @dataclass
@@ -34,7 +35,7 @@ class InversionJob:
     """What a method works with (everything float32, on the model's device).
 
     Attributes:
-        unet: counting float32 UNet caller.
+        unet: counting UNet caller (float32 outputs, whatever precision the UNet runs in).
         math: DDIM formulas of the run's scheduler (``set_timesteps`` done).
         latents: ``z_0 .. z_T`` from DDIM inversion.
         cond: ``(1, tokens, dim)`` embedding of the source prompt.
@@ -91,12 +92,21 @@ class NullTextOptions:
             paper's fresh batched ``[uncond, cond]`` pass (one UNet row less per step).
         batch_cond: speed-up on GPUs: compute the step's conditional prediction in the same
             UNet call as the first unconditional one (batch of 2).
+        unet_precision: ``auto`` (default: ``float16`` for a UNet loaded in float16, as on a
+            GPU, else ``float32``), ``float32`` (the reference: a half UNet is cast up),
+            ``bfloat16`` or ``float16``: the dtype the frozen UNet's forward and backward
+            run in (see :func:`~p2p_framework.inversion.ddim.unet_precision`); the null
+            embedding, the latents, the DDIM arithmetic, the loss and Adam stay float32.
+            ``float16`` back-propagates through the UNet with a loss scale
+            (:func:`scaled_gradient`). :func:`resolve_options` replaces ``auto`` by what it
+            means for a model; inversions record that.
     """
 
     num_inner_steps: int = 10
     early_stop_epsilon: float = 1e-5
     reuse_cond: bool = False
     batch_cond: bool = False
+    unet_precision: str = field(default="auto", metadata={"choices": ("auto", *PRECISIONS)})
 
 
 def _ddim(job: InversionJob, options: NoOptions) -> MethodOutput:
@@ -118,6 +128,60 @@ def null_text_learning_rate(step: int) -> float:
     """``1e-2 * (1 - i / 100)`` as in the paper, floored at 1e-4 (its value at step 99) so
     that runs of more than 100 steps keep a positive rate."""
     return max(1e-2 * (1.0 - step / 100.0), 1e-4)
+
+
+#: float16 loss scale: the UNet output's gradient is scaled so that its largest element is
+#: ``2 ** LOSS_SCALE_EXPONENT`` before it enters the float16 backward ...
+LOSS_SCALE_EXPONENT = 8
+#: ... and by ``2 ** -LOSS_SCALE_BACKOFF`` less on each retry after an overflow.
+LOSS_SCALE_BACKOFF = 8
+LOSS_SCALE_RETRIES = 3
+
+
+def scaled_gradient(
+    loss: torch.Tensor, output: torch.Tensor, leaf: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d loss / d leaf`` where ``output`` (float32) came out of a float16 UNet fed ``leaf``.
+
+    The null-text loss is an MSE of about 1e-5 over the latent, so the gradient reaching the
+    UNet's output is about 1e-7 per element at SD's latent size (1e-9 and less late in the
+    optimisation): below float16's smallest normal number (6e-5), it would lose its precision
+    or flush to zero in the float16 backward. The gradient is split at the UNet's output: the
+    float32 part (loss, DDIM step, guidance) gives the output's gradient, which is scaled by a
+    power of two so that its largest element is ``2 ** LOSS_SCALE_EXPONENT``,
+    back-propagated through the UNet, and unscaled in float32. A non-finite result (overflow
+    inside the backward) is retried with a smaller scale. Powers of two make the scaling
+    itself exact; the scale is a tensor, so choosing it does not wait for the device.
+
+    Returns:
+        The gradient (float32) and the loss scale used (a 0-d tensor).
+
+    Raises:
+        InversionError: the UNet's output is not finite, or the backward overflows even at
+            the smallest scale tried.
+    """
+    (upstream,) = torch.autograd.grad(loss, [output], retain_graph=True)
+    peak = upstream.abs().amax()
+    exponent = LOSS_SCALE_EXPONENT - torch.ceil(torch.log2(peak))
+    exponent = torch.where(peak > 0, exponent, torch.zeros_like(exponent))
+    for attempt in range(LOSS_SCALE_RETRIES + 1):
+        scale = torch.exp2(exponent)
+        last = attempt == LOSS_SCALE_RETRIES
+        (grad,) = torch.autograd.grad(
+            output, [leaf], grad_outputs=upstream * scale, retain_graph=not last
+        )
+        if bool(torch.isfinite(grad).all()):
+            return grad / scale, scale
+        if not bool(torch.isfinite(peak)):
+            raise InversionError(
+                "null-text: the float16 UNet's output is not finite; use unet_precision "
+                "bfloat16 or float32"
+            )
+        exponent = exponent - LOSS_SCALE_BACKOFF
+    raise InversionError(
+        "null-text: the float16 backward overflows even with a loss scale of "
+        f"{float(scale):g}; use unet_precision bfloat16 or float32"
+    )
 
 
 def _null_text(job: InversionJob, options: NullTextOptions) -> MethodOutput:
@@ -153,7 +217,10 @@ def _null_text(job: InversionJob, options: NullTextOptions) -> MethodOutput:
                     eps = eps_uncond + guidance * (eps_cond - eps_uncond)
                     reconstruction = math.prev_step(eps, t, z_bar)
                     loss = F.mse_loss(reconstruction, target)
-                    (grad,) = torch.autograd.grad(loss, [uncond])
+                    if options.unet_precision == "float16":
+                        grad, _ = scaled_gradient(loss, out_uncond, uncond)
+                    else:
+                        (grad,) = torch.autograd.grad(loss, [uncond])
                 optimizer.zero_grad(set_to_none=True)
                 uncond.grad = grad
                 optimizer.step()
@@ -197,6 +264,15 @@ METHODS: dict[str, Method] = {
 }
 
 
+def resolve_options(options: Any, model: Any) -> Any:
+    """``options`` (a method's options dataclass) with what depends on the model decided:
+    ``unet_precision="auto"`` becomes the precision it means for ``model``."""
+    if getattr(options, "unet_precision", None) == "auto":
+        precision = resolve_precision("auto", model)
+        return dataclasses.replace(options, unet_precision=precision)
+    return options
+
+
 def method_options(method: str, options: dict[str, Any]) -> Any:
     """The checked options dataclass of ``method``.
 
@@ -215,7 +291,12 @@ def method_options(method: str, options: dict[str, Any]) -> Any:
             raise OptionError(method, key, f"unknown option; {method} accepts: {listed}")
     for key, value in options.items():
         default = known[key].default
-        if isinstance(default, bool):
+        choices = known[key].metadata.get("choices")
+        if choices is not None:
+            if value not in choices:
+                listed = ", ".join(choices)
+                raise OptionError(method, key, f"must be one of {listed}, got {value!r}")
+        elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise OptionError(method, key, f"must be true or false, got {value!r}")
         elif isinstance(default, int):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from p2p_framework import OptionError, Source, SourceRequest, SourceStart, hookimpl
 from p2p_framework.inversion import (
@@ -30,6 +30,7 @@ from p2p_framework.inversion import (
     method_options,
     parse_crop,
     prepare_image,
+    resolve_options,
     scheduler_signature,
 )
 
@@ -104,7 +105,10 @@ class InversionSource(Source):
             return inversion, {"cache": "file", "path": str(path)}
 
         prepared = prepare_image(self.image, request.height, request.width, self.crop)  # type: ignore[arg-type]
-        options = dataclasses.asdict(method_options(self.method, self.method_options()))
+        # Options as the inversion records them (unet_precision "auto" decided for the model).
+        options = dataclasses.asdict(
+            resolve_options(method_options(self.method, self.method_options()), model)
+        )
         key = cache_key(
             image_hash=image_hash(prepared),
             prompt=prompt,
@@ -179,6 +183,13 @@ class NullTextSource(InversionSource):
     batch_cond: bool = field(
         default=False,
         metadata={"help": "speed-up (GPU): batch the conditional with the first uncond pass"},
+    )
+    unet_precision: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the UNet's forward and backward; auto: float16 for a model "
+            "loaded in float16 (not cast up: faster on a GPU), else float32"
+        },
     )
 
 

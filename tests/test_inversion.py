@@ -208,10 +208,13 @@ def test_vpred_model(vpred_model, photo: Path) -> None:
 def test_half_precision_unet_is_run_in_float32(tiny_model_dir: Path, photo: Path) -> None:
     rounded = load_model(tiny_model_dir, device="cpu", dtype="float32")
     rounded.unet.half().float()  # float32 weights holding float16 values
-    reference = invert(rounded, photo, PROMPT, "null-text", num_steps=3, num_inner_steps=2)
+    common = dict(num_steps=3, num_inner_steps=2, unet_precision="float32")
+    reference = invert(rounded, photo, PROMPT, "null-text", **common)
     half = load_model(tiny_model_dir, device="cpu", dtype="float32")
     half.unet.half()
-    result = invert(half, photo, PROMPT, "null-text", num_steps=3, num_inner_steps=2)
+    # unet_precision float32 (the default, auto, would run a half UNet as it is: see
+    # tests/test_inversion_precision.py)
+    result = invert(half, photo, PROMPT, "null-text", **common)
     assert half.unet.dtype == torch.float16  # given back as it was
     assert result.uncond_embeddings.dtype == torch.float32
     # The float16 UNet ran in float32: exactly the float32 run with the same weights.
@@ -421,6 +424,7 @@ def test_sources_are_registered(registry) -> None:
         "early_stop_epsilon": 1e-5,
         "reuse_cond": False,
         "batch_cond": False,
+        "unet_precision": "auto",
     }
     with pytest.raises(OptionError, match="null-text: image: give either image or inversion"):
         registry.build("source", "null-text", {})
