@@ -21,6 +21,15 @@ Usage::
     python benchmarks/inversion.py                       # tiny model, 50 steps, CPU
     python benchmarks/inversion.py --model PATH --image cat.jpg --prompt "a cat ..."
     python benchmarks/inversion.py --write docs/benchmarks.md   # replace the "Inversion" section
+
+The null-text time target (issue 6: SD 1.5 size, 512 px, 50 steps, at most 10 s on an H100)
+is checked on random SD 1.5 weights, float16 as a GPU loads them, the UNet in half precision
+(``unet_precision``), with and without ``torch.compile``::
+
+    python benchmarks/inversion.py --random-sd --device cuda --dtype float16 \
+        --only paper reuse bf16 fp16 [--compile]
+
+Random weights never stop early (every step takes all 10 inner steps: the worst case).
 """
 
 from __future__ import annotations
@@ -50,27 +59,48 @@ from p2p_framework.plugins.inversion_sources import (
     NullTextSource,
 )
 
+#: The reference precision: null-text's default (auto) would run a float16-loaded UNet
+#: (a GPU's) in float16, so the rows that measure the other options say float32.
+F32 = {"unet_precision": "float32"}
+
 #: (label, source class, options, guidance or None for --guidance)
 VARIANTS: list[tuple[str, type, dict[str, Any], float | None]] = [
     ("ddim (guidance 1)", DDIMSource, {}, 1.0),
     ("ddim", DDIMSource, {}, None),
     ("negative-prompt", NegativePromptSource, {}, None),
     ("direct", DirectSource, {}, None),
-    ("null-text (paper: 10 inner, early stop)", NullTextSource, {}, None),
-    ("null-text, no early stop", NullTextSource, {"early_stop_epsilon": -1.0}, None),
-    ("null-text, reuse_cond", NullTextSource, {"reuse_cond": True}, None),
-    ("null-text, batch_cond", NullTextSource, {"batch_cond": True}, None),
-    ("null-text, 5 inner", NullTextSource, {"num_inner_steps": 5}, None),
+    ("null-text (paper: 10 inner, early stop)", NullTextSource, F32, None),
+    ("null-text, no early stop", NullTextSource, {**F32, "early_stop_epsilon": -1.0}, None),
+    ("null-text, reuse_cond", NullTextSource, {**F32, "reuse_cond": True}, None),
+    ("null-text, batch_cond", NullTextSource, {**F32, "batch_cond": True}, None),
+    ("null-text, 5 inner", NullTextSource, {**F32, "num_inner_steps": 5}, None),
     (
         "null-text, 5 inner, reuse_cond",
         NullTextSource,
-        {"num_inner_steps": 5, "reuse_cond": True},
+        {**F32, "num_inner_steps": 5, "reuse_cond": True},
         None,
     ),
     (
         "null-text, 3 inner, reuse_cond",
         NullTextSource,
-        {"num_inner_steps": 3, "reuse_cond": True},
+        {**F32, "num_inner_steps": 3, "reuse_cond": True},
+        None,
+    ),
+    # unet_precision: the frozen UNet's forward and backward in half precision (a UNet loaded
+    # in that dtype is then not cast up; fp16 is the default, auto, for a float16-loaded
+    # UNet); labels say bf16 / fp16 so that --only can tell them apart.
+    ("null-text, UNet in bf16", NullTextSource, {"unet_precision": "bfloat16"}, None),
+    ("null-text, UNet in fp16", NullTextSource, {"unet_precision": "float16"}, None),
+    (
+        "null-text, reuse_cond + batch_cond, UNet in bf16",
+        NullTextSource,
+        {"reuse_cond": True, "batch_cond": True, "unet_precision": "bfloat16"},
+        None,
+    ),
+    (
+        "null-text, reuse_cond + batch_cond, UNet in fp16",
+        NullTextSource,
+        {"reuse_cond": True, "batch_cond": True, "unet_precision": "float16"},
         None,
     ),
 ]
@@ -114,6 +144,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         with torch.no_grad():
             model.unet.conv_out.weight.mul_(scale)
             model.unet.conv_out.bias.mul_(scale)
+    if args.compile:
+        model.compile(args.compile)
     size = args.size or model.default_size
     with tempfile.TemporaryDirectory() as folder:
         if args.image:
@@ -125,17 +157,18 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         pixels = image_to_tensor(prepared)
         z0 = model.encode_image(pixels).float().cpu()
         round_trip = to_pil(model.decode(model.encode_image(pixels)))[0]
-        if model.device.type == "cuda":  # kernels' first-use costs are not the methods'
-            warm = EditSettings(steps=2, guidance=args.guidance, height=size, width=size)
-            for source_class in (DirectSource, NullTextSource):
-                source = source_class(image=str(image_path), cache=False)
-                run_edit(model, [args.prompt], source=source, settings=warm)
+        # Kernels' first-use costs and compilation are not the methods': on a GPU or with
+        # --compile each variant first runs 2 steps (same shapes, dtypes and graphs).
+        warm_up = model.device.type == "cuda" or bool(args.compile)
         rows = []
         for label, source_class, options, guidance in VARIANTS:
             if args.only and not any(word in label for word in args.only):
                 continue
             w = args.guidance if guidance is None else guidance
             source = source_class(image=str(image_path), cache=False, **options)
+            if warm_up:
+                warm = EditSettings(steps=2, guidance=w, height=size, width=size)
+                run_edit(model, [args.prompt], source=source, settings=warm)
             settings = EditSettings(steps=args.steps, guidance=w, height=size, width=size)
             began = time.perf_counter()
             result = run_edit(model, [args.prompt], source=source, settings=settings)
@@ -173,6 +206,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         "image": args.image or "synthetic",
         "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""),
+        "compile": model.compile_mode if getattr(model, "compiled", False) else None,
         "threads": args.threads,
         "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None,
         "vae_psnr": psnr(round_trip, prepared),
@@ -209,7 +243,8 @@ def describe(meta: dict[str, Any]) -> str:
         f"{meta['size']}x{meta['size']} px, {meta['steps']} DDIM steps, guidance "
         f"{meta['guidance']:g}, prompt {meta['prompt']!r}, image: {meta['image']}; "
         f"{meta['gpu'] or meta['device']} {meta['dtype']}, {meta['threads']} thread(s), "
-        f"torch {meta['torch']}, Python {meta['python']}."
+        + (f"compiled ({meta['compile']}), " if meta.get("compile") else "")
+        + f"torch {meta['torch']}, Python {meta['python']}."
     )
 
 
@@ -269,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         "--unet-output-scale",
         type=float,
         help="scale the UNet's output layer (default 0.05 for the tiny model, 1 otherwise)",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="auto",
+        help="run the UNet under torch.compile (model.compile(MODE); default mode auto)",
     )
     parser.add_argument("--only", nargs="*", help="run only variants whose label has a word")
     parser.add_argument("--write", type=Path, help="write the table into this Markdown file")
