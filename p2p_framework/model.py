@@ -149,6 +149,11 @@ class StableDiffusionModel:
         if mode == "auto":
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         # Static shapes: a run's shapes never change, and CUDA graphs need them fixed.
+        # Every UNet shares diffusers' forward, whose graphs Dynamo caches together: an edit
+        # is one graph, an inversion three per precision, and more models or sizes add theirs.
+        # Torch's default of 8 would silently fall back to eager after a few of those.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
         options: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
         if backend == "inductor":
             options["mode"] = mode
