@@ -350,7 +350,9 @@ class AttentionController(ProcessorInstaller):
                 for edit in self.injecting:
                     injected = edit.cross_attention(injected, targets, layer)
                 alpha = self._at_step(self._cross_alpha)
-                new_targets = alpha * injected + (1 - alpha) * targets
+                # alpha * injected + (1 - alpha) * targets in one kernel; lerp is exact at
+                # both ends (0: the target's own maps, 1: the injected ones).
+                new_targets = torch.lerp(targets, injected, alpha.to(targets.dtype))
             elif not layer.is_cross and self._self_injecting(layer):
                 new_targets = source.expand_as(targets)
                 if self.static:
