@@ -1,10 +1,8 @@
 """Tests of real-photo inversion (``p2p_framework.inversion``) and its source plugins.
 
-The tiny random UNet of :mod:`p2p_framework.tiny_models` is far from smooth in its input, so
-DDIM's ODE is unstable on it and even a guidance-1 reconstruction drifts. Inversion assumes a
-well-conditioned noise predictor; the ``smooth`` models below scale the UNet's output layer by
-:data:`OUTPUT_SCALE`, which gives one (the prompt still changes the prediction) without
-changing the code paths under test.
+The models are the tiny ones with a scaled UNet output layer (``load_smooth_model`` in
+conftest.py): inversion assumes a well-conditioned noise predictor, which the tiny random UNet
+is not.
 """
 
 from __future__ import annotations
@@ -40,28 +38,19 @@ from p2p_framework.plugins.inversion_sources import (
 from p2p_framework.plugins.replace import Replace
 from p2p_framework.tiny_models import save_tiny_pipeline
 
-OUTPUT_SCALE = 0.05
 STEPS = 10
 PROMPT = "a photo of a cat"
 TARGET = "a photo of a dog"
 
 
-def _smooth(path: Path):
-    model = load_model(path, device="cpu", dtype="float32")
-    with torch.no_grad():
-        model.unet.conv_out.weight.mul_(OUTPUT_SCALE)
-        model.unet.conv_out.bias.mul_(OUTPUT_SCALE)
-    return model
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path, load_smooth_model):
+    return load_smooth_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir: Path):
-    return _smooth(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def vpred_model(tiny_vpred_model_dir: Path):
-    return _smooth(tiny_vpred_model_dir)
+def vpred_model(tiny_vpred_model_dir: Path, load_smooth_model):
+    return load_smooth_model(tiny_vpred_model_dir)
 
 
 def _picture(width: int = 160, height: int = 128) -> np.ndarray:

@@ -30,24 +30,14 @@ from p2p_framework.inversion.ddim import (
 from p2p_framework.plugins.inversion_sources import NullTextSource
 from p2p_framework.values import parse_option
 
-OUTPUT_SCALE = 0.05
 PROMPT = "a photo of a cat"
 STEPS = 4
 FAST = dict(num_steps=2, num_inner_steps=1)
 
 
-def _smooth(path: Path, dtype: torch.dtype = torch.float32):
-    """The tiny model with a well-conditioned UNet (see tests/test_inversion.py)."""
-    model = load_model(path, device="cpu", dtype=dtype)
-    with torch.no_grad():
-        model.unet.conv_out.weight.mul_(OUTPUT_SCALE)
-        model.unet.conv_out.bias.mul_(OUTPUT_SCALE)
-    return model
-
-
 @pytest.fixture(scope="module")
-def model(tiny_model_dir: Path):
-    return _smooth(tiny_model_dir)
+def model(tiny_model_dir: Path, load_smooth_model):
+    return load_smooth_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +143,10 @@ def test_float32_unet_runs_reduced_precision_under_autocast(model, photo: Path) 
     assert model.unet.dtype == torch.float32
 
 
-def test_half_unet_is_not_cast_up_for_its_own_precision(tiny_model_dir: Path, photo) -> None:
-    half = _smooth(tiny_model_dir, torch.float16)
+def test_half_unet_is_not_cast_up_for_its_own_precision(
+    tiny_model_dir: Path, photo, load_smooth_model
+) -> None:
+    half = load_smooth_model(tiny_model_dir, torch.float16)
     # Its own precision: runs as loaded (the GPU saving); float32: cast up as before; the
     # other half precision: cast up (lossless) and autocast.
     assert _dtypes_seen(half, photo, "float16") == ({torch.float16}, {torch.float16})
@@ -168,8 +160,10 @@ def test_half_unet_is_not_cast_up_for_its_own_precision(tiny_model_dir: Path, ph
     assert inversion.uncond_embeddings.dtype == torch.float32
 
 
-def test_auto_keeps_float32_for_a_bfloat16_unet(tiny_model_dir: Path, photo) -> None:
-    half = _smooth(tiny_model_dir, torch.bfloat16)
+def test_auto_keeps_float32_for_a_bfloat16_unet(
+    tiny_model_dir: Path, photo, load_smooth_model
+) -> None:
+    half = load_smooth_model(tiny_model_dir, torch.bfloat16)
     # bfloat16 measured worse than 0.2 dB on some photos: auto casts it up as before ...
     assert _dtypes_seen(half, photo, "auto") == ({torch.float32}, {torch.float32})
     # ... and bfloat16, asked for, runs it as loaded.
