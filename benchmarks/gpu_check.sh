@@ -31,6 +31,8 @@ step() {  # step SECONDS NAME ARGS...: run a benchmark with a time limit, keep i
     timeout "$limit" python3 "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err"
     echo "   exit $? after $SECONDS s in all"
     tail -30 "$OUT/$name.txt"
+    # Rows are logged to stderr as they finish, so a timeout still leaves them here.
+    grep -v Warning "$OUT/$name.err" | tail -15
 }
 
 case $part in
