@@ -355,6 +355,11 @@ def _load_model(name: str, **kwargs: Any) -> Any:
     model = load_model(name, **kwargs)
     seconds = time.perf_counter() - began
     _log(f"Loaded in {seconds:.1f} s on {model.device} ({dtype_name(model.dtype)})")
+    if model.compiled:
+        _log(
+            f"torch.compile ({model.compile_mode}): the first UNet calls compile, which takes "
+            "from tens of seconds to minutes; the steps after them are fast"
+        )
     return model
 
 
