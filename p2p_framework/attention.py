@@ -13,7 +13,6 @@ layer's attention probabilities now; if not, it takes the fused
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .edit import Edit
-from .store import AttentionLayer, AttentionStore
+from .store import AttentionLayer, AttentionStore, level_grid
 
 
 def layer_place(name: str) -> str:
@@ -35,15 +34,12 @@ def layer_place(name: str) -> str:
 
 
 def grid_for(queries: int, latent_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
-    """The query grid and downscale of a layer with ``queries`` queries.
-
-    UNet levels halve the grid with ``ceil`` (stride-2 convolutions with padding 1), so a
-    48x40 latent has grids 48x40, 24x20, 12x10, 6x5.
-    """
+    """The query grid and downscale of a layer with ``queries`` queries (see
+    :func:`~p2p_framework.store.level_grid`)."""
     height, width = latent_size
     downscale = 1
     while downscale <= max(height, width):
-        grid = (math.ceil(height / downscale), math.ceil(width / downscale))
+        grid = level_grid(latent_size, downscale)
         if grid[0] * grid[1] == queries:
             return grid, downscale
         downscale *= 2

@@ -13,6 +13,16 @@ from dataclasses import dataclass
 import torch
 
 
+def level_grid(latent_size: tuple[int, int], downscale: int) -> tuple[int, int]:
+    """The ``(height, width)`` grid of the UNet level at ``downscale`` of the latent.
+
+    UNet levels halve the grid with ``ceil`` (stride-2 convolutions with padding 1), so a
+    48x40 latent has grids 48x40, 24x20, 12x10, 6x5.
+    """
+    height, width = latent_size
+    return math.ceil(height / downscale), math.ceil(width / downscale)
+
+
 @dataclass(frozen=True)
 class AttentionLayer:
     """Where an attention call happens, read at run time by the layer's processor.
@@ -86,9 +96,8 @@ class AttentionStore:
             tokens: text tokens per prompt.
             latent_size: ``(height, width)`` of the latent.
         """
-        height, width = latent_size
         for is_cross, downscale in sorted(self._wanted):
-            grid = (math.ceil(height / downscale), math.ceil(width / downscale))
+            grid = level_grid(latent_size, downscale)
             keys = tokens if is_cross else grid[0] * grid[1]
             key = (is_cross, downscale)
             self._sums[key] = torch.zeros(rows, grid[0] * grid[1], keys, device=device)
