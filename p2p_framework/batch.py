@@ -95,8 +95,8 @@ class ControllerGroup(ProcessorInstaller):
         Returns:
             the same shape.
         """
-        for index, controller in enumerate(self.controllers):
-            if index in self.errors or not controller.wants(layer):
+        for index, controller in self._active():
+            if not controller.wants(layer):
                 continue
             try:
                 probs = controller.attend(probs, layer)

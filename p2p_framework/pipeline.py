@@ -205,13 +205,15 @@ def _prepare_job(
     model: StableDiffusionModel,
     job: EditJob,
     index: int,
+    resolved: tuple[list[str], EditSettings],
     progress: ProgressCallback | None,
 ) -> _PreparedJob:
     """Everything one job needs before the denoising loop: scheduler, attention store, edit
-    setup, controller and the source's start (which may be a whole inversion)."""
+    setup, controller and the source's start (which may be a whole inversion).
+    ``resolved``: what :func:`_resolve` gave for the job."""
     from .plugins.seed import Seed
 
-    prompts, settings = _resolve(model, job)
+    prompts, settings = resolved
     source = job.source if job.source is not None else Seed()
     edits = list(job.edits)
     latent_size = model.latent_size(settings.height, settings.width)  # type: ignore[arg-type]
@@ -338,9 +340,10 @@ def iter_edits(
     jobs = _check_jobs(jobs)
     keys: list[tuple[Any, ...] | None] = []
     rows: list[int] = []
+    resolved: dict[int, tuple[list[str], EditSettings]] = {}
     for index, job in enumerate(jobs):
         try:
-            prompts, settings = _resolve(model, job)
+            prompts, settings = resolved[index] = _resolve(model, job)
         except (P2PError, OSError) as error:
             if errors == "raise":
                 raise
@@ -354,7 +357,7 @@ def iter_edits(
         prepared = []
         for index in batch:
             try:
-                prepared.append(_prepare_job(model, jobs[index], index, progress))
+                prepared.append(_prepare_job(model, jobs[index], index, resolved[index], progress))
             except (P2PError, OSError) as error:
                 if errors == "raise":
                     raise
