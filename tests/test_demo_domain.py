@@ -284,12 +284,97 @@ def test_caption_token_ids_match_the_tokenizer(tmp_path):
 
     tokenizer = build_clip_tokenizer(VOCABULARY, tmp_path / "tok")
     stream = SceneStream(0, tokenizer, torch.device("cpu"))
-    images, ids = stream.batch(8, uncond_prob=0.0)
+    batch = stream.batch(8, uncond_prob=0.0)
+    images, ids = batch.images, batch.ids
     assert images.shape == (8, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
     assert ids.shape == (8, tokenizer.model_max_length)
+    # Regions: the objects' masks and the rest; every pixel is in exactly one of them.
+    assert batch.regions.shape == (8, 3, 64, 64)
+    assert torch.equal(batch.regions.sum(dim=1), torch.ones(8, 64, 64))
+    dropped = stream.batch(8, uncond_prob=1.0)
+    assert (dropped.token_region == -1).all()
+    assert (dropped.ids == torch.as_tensor(stream.uncond)).all()
     batch = sample_scene_batch(np.random.default_rng(9), 8)
     expected = tokenizer(batch.captions(), padding="max_length", max_length=77).input_ids
     assert np.array_equal(stream.token_ids(batch), np.array(expected))
+
+
+def test_word_regions_name_each_objects_words_and_the_background_words():
+    from p2p_framework.demo.shapes import COLOR_NAMES, TEXTURES
+    from p2p_framework.demo.train import REGION_BACKGROUND, word_regions
+
+    batch = sample_scene_batch(np.random.default_rng(3), 300)
+    regions = word_regions(batch, 77)
+    assert regions.shape == (300, 77)
+    for i in range(len(batch)):
+        words = batch.caption_words(i)
+        named = {}
+        for token in np.nonzero(regions[i] >= 0)[0]:
+            named[words[token - 1]] = int(regions[i, token])  # token 0 is the start token
+        expected = {}
+        for k in range(int(batch.n_objects[i])):
+            expected[COLOR_NAMES[batch.color[i, k]]] = k
+            expected[SHAPES[batch.shape[i, k]]] = k
+        expected[COLOR_NAMES[batch.background[i]]] = REGION_BACKGROUND
+        if TEXTURES[batch.texture[i]] != "plain":
+            expected[TEXTURES[batch.texture[i]]] = REGION_BACKGROUND
+        # A word used twice (two red objects) names one of them per occurrence; compare counts.
+        assert (regions[i] >= 0).sum() == 2 * batch.n_objects[i] + 1 + (
+            TEXTURES[batch.texture[i]] != "plain"
+        )
+        if len(set(words)) == len(words):
+            assert named == expected, words
+
+
+def test_grounding_loss_is_zero_for_maps_inside_their_regions_and_grows_when_flat():
+    from p2p_framework.demo.train import grounding_loss
+
+    regions = torch.zeros(1, 3, 64, 64)
+    regions[0, 0, :32, :32] = 1  # object 0: the top-left quarter
+    regions[0, 2] = 1 - regions[0, 0]  # background
+    token_region = torch.tensor([[-1, 0, 2, -1]])
+    grid = 8
+    area = torch.nn.functional.adaptive_avg_pool2d(regions, grid).flatten(2)[0]  # (3, 64)
+    inside = torch.zeros(1, 2, grid * grid, 4)
+    inside[0, :, :, 1] = area[0] * 0.5
+    inside[0, :, :, 2] = area[2] * 0.5
+    inside[..., 0] = 1 - inside[..., 1] - inside[..., 2]
+    assert float(grounding_loss([inside], regions, token_region)) == pytest.approx(0, abs=1e-7)
+    flat = torch.full((1, 2, grid * grid, 4), 0.25)
+    expected = ((1 - 0.25) ** 2 + (1 - 0.75) ** 2) / 2  # mass share = the region's area
+    assert float(grounding_loss([flat], regions, token_region)) == pytest.approx(expected)
+    # Grids coarser than min_grid are left out; so are captions without named words.
+    coarse = torch.full((1, 2, 4, 4), 0.25)
+    assert float(grounding_loss([coarse], regions, token_region)) == 0
+    assert float(grounding_loss([flat], regions, torch.full((1, 4), -1))) == 0
+
+
+def test_cross_attention_probe_computes_what_the_default_processor_does():
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from p2p_framework.demo.train import UNET_CONFIG, CrossAttentionProbe
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 128)
+    t = torch.tensor([500, 20])
+    with torch.no_grad():
+        expected = unet(x, t, context).sample
+        probe = CrossAttentionProbe()
+        unet.set_attn_processor(
+            {
+                name: probe if name.endswith("attn2.processor") else AttnProcessor2_0()
+                for name in unet.attn_processors
+            }
+        )
+        got = unet(x, t, context).sample
+    assert torch.allclose(got, expected, atol=1e-5)
+    # One map per cross-attention layer: (batch, heads, queries, tokens), rows summing to 1.
+    assert len(probe.maps) == 16
+    assert sorted({m.shape[2] for m in probe.maps}) == [4, 16, 64, 256]
+    assert all(m.shape[:2] == (2, 4) and m.shape[3] == 77 for m in probe.maps)
+    assert torch.allclose(probe.maps[0].sum(-1), torch.ones(2, 4, 256))
 
 
 @pytest.mark.slow
@@ -304,9 +389,13 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
     assert main([*args, "--steps", "2"]) == 0
     assert (work / "checkpoint.pt").exists()
     # Resume: the VAE is done, two more UNet steps.
-    assert main([*args, "--stage", "unet", "--resume", "--steps", "4", "--eval-samples", "0"]) == 0
+    # Resume with the grounding loss on: two more UNet steps, the loss logged.
+    resume = ["--stage", "unet", "--resume", "--steps", "4", "--eval-samples", "0"]
+    assert main([*args, *resume, "--grounding-weight", "0.02"]) == 0
     info = json.loads((out / "training_info.json").read_text())
     assert info["unet_step"] == 4 and info["vae_step"] == 4
+    assert info["args"]["grounding_weight"] == 0.02
+    assert 0 < info["history_tail"][-1]["grounding"] <= 1
 
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe.vae_scale_factor == 4

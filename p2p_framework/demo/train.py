@@ -80,6 +80,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import SD_DDIM_CONFIG
-from .shapes import VOCABULARY, SceneBatch, render_batch, sample_scene_batch, to_device
+from .shapes import TEXTURES, VOCABULARY, SceneBatch, render_batch, sample_scene_batch, to_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -192,6 +193,51 @@ def count_parameters(module: torch.nn.Module) -> int:
 # Data
 
 
+#: Region indices of :func:`word_regions`: object slots 0 and 1, and the background.
+REGION_BACKGROUND = 2
+
+
+def word_regions(scenes: SceneBatch, max_length: int) -> np.ndarray:
+    """Which image region each token of each caption names: ``(B, max_length)`` int64.
+
+    The colour and shape words of object ``k`` name region ``k`` (its mask), the background's
+    colour and texture words name :data:`REGION_BACKGROUND` (outside every object); every other
+    token (start, "a", "on", end, padding) is ``-1``. Token ``i + 1`` is caption word ``i``
+    (every caption word is one token, after the start token).
+    """
+    regions = np.full((len(scenes), max_length), -1, dtype=np.int64)
+    for i in range(len(scenes)):
+        words = scenes.caption_words(i)
+        for k in range(int(scenes.n_objects[i])):
+            # Object k's words are "a COLOUR SHAPE", preceded by "and" after the first.
+            colour_word = 1 + 4 * k
+            regions[i, colour_word + 1 : colour_word + 3] = k
+        # "... on a [TEXTURE] COLOUR background": the last two words before "background".
+        regions[i, len(words) - 1] = REGION_BACKGROUND
+        if TEXTURES[int(scenes.texture[i])] != "plain":
+            regions[i, len(words) - 2] = REGION_BACKGROUND
+    return regions
+
+
+@dataclass
+class TrainingBatch:
+    """One UNet training batch.
+
+    Attributes:
+        images: ``(B, 3, H, W)`` renders in ``[-1, 1]``.
+        ids: ``(B, max_length)`` caption token ids (the empty caption where dropped).
+        regions: ``(B, 3, H, W)`` float masks: object slots 0 and 1 (empty when absent) and
+            the background (:data:`REGION_BACKGROUND`).
+        token_region: ``(B, max_length)`` the region each token names, ``-1`` for none
+            (:func:`word_regions`; all ``-1`` where the caption was dropped).
+    """
+
+    images: torch.Tensor
+    ids: torch.Tensor
+    regions: torch.Tensor
+    token_region: torch.Tensor
+
+
 class SceneStream:
     """Batches of rendered scenes (in ``[-1, 1]``) and their caption token ids."""
 
@@ -239,12 +285,24 @@ class SceneStream:
         batch = sample_scene_batch(self.rng, n)
         return self._to_float(render_batch(batch, self.size, self.device)[0])
 
-    def batch(self, n: int, uncond_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, n: int, uncond_prob: float) -> TrainingBatch:
+        """``n`` rendered scenes, their token ids (``uncond_prob`` of them the empty caption)
+        and where each caption word is in the image (see :class:`TrainingBatch`)."""
         scenes = sample_scene_batch(self.rng, n)
         ids = self.token_ids(scenes)
-        ids[self.rng.random(n) < uncond_prob] = self.uncond
-        images = self._to_float(render_batch(scenes, self.size, self.device)[0])
-        return images, to_device(torch.as_tensor(ids), self.device)
+        dropped = self.rng.random(n) < uncond_prob
+        ids[dropped] = self.uncond
+        token_region = word_regions(scenes, self.max_length)
+        token_region[dropped] = -1
+        images, masks, _ = render_batch(scenes, self.size, self.device)
+        objects = masks.float()
+        background = 1.0 - objects.amax(dim=1, keepdim=True)
+        return TrainingBatch(
+            images=self._to_float(images),
+            ids=to_device(torch.as_tensor(ids), self.device),
+            regions=torch.cat([objects, background], dim=1),
+            token_region=to_device(torch.as_tensor(token_region), self.device),
+        )
 
     @staticmethod
     def _to_float(images: torch.Tensor) -> torch.Tensor:
@@ -306,6 +364,79 @@ class Budget:
         return step >= self.max_steps or (
             self.seconds is not None and self.elapsed() >= self.seconds
         )
+
+
+class CrossAttentionProbe:
+    """Cross-attention processor for training that also keeps each layer's probabilities.
+
+    It computes what diffusers' default processor computes (softmax(q k^T * scale) v), but
+    explicitly, so that the probabilities ``(batch, heads, queries, tokens)`` can be supervised
+    by :func:`grounding_loss`; they are appended to ``maps`` (cleared by the caller).
+    """
+
+    def __init__(self) -> None:
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None or attention_mask is not None:
+            raise RuntimeError("CrossAttentionProbe serves unmasked cross-attention only")
+        batch, queries, _ = hidden_states.shape
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        q = split(attn.to_q(hidden_states))
+        k = split(attn.to_k(encoder_hidden_states))
+        v = split(attn.to_v(encoder_hidden_states))
+        probs = (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(dim=-1)
+        self.maps.append(probs)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, queries, -1)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def grounding_loss(
+    maps: list[torch.Tensor],
+    regions: torch.Tensor,
+    token_region: torch.Tensor,
+    min_grid: int = 4,
+) -> torch.Tensor:
+    """How much of each named word's cross-attention falls outside what it names.
+
+    For every layer's probabilities ``(batch, heads, queries, tokens)`` on a square grid of at
+    least ``min_grid`` (coarser grids cannot place an 18 px object), every token ``t`` with
+    ``token_region[b, t] = r >= 0`` contributes ``(1 - m)^2``, where ``m`` is the share of the
+    token's attention mass (summed over queries, averaged over heads) that lies in region ``r``
+    of ``regions`` ``(batch, regions, H, W)`` (area-averaged to the layer's grid). This is the
+    token loss of TokenCompose (Wang et al., CVPR 2024). Returns the mean over tokens and
+    layers (0 when no token names a region).
+    """
+    named = token_region >= 0
+    if not maps or not bool(named.any()):
+        return regions.new_zeros(())
+    index = token_region.clamp_min(0)
+    losses = []
+    for probs in maps:
+        grid = math.isqrt(probs.shape[2])
+        if grid < min_grid or grid * grid != probs.shape[2]:
+            continue
+        area = F.adaptive_avg_pool2d(regions, grid).flatten(2)  # (batch, regions, queries)
+        per_token = probs.float().mean(dim=1)  # (batch, queries, tokens)
+        inside = torch.einsum("bqt,brq->btr", per_token, area)  # mass in each region
+        total = per_token.sum(dim=1).clamp_min(1e-8)  # (batch, tokens)
+        share = inside.gather(2, index.unsqueeze(-1)).squeeze(-1) / total
+        losses.append(((1.0 - share) ** 2)[named].mean())
+    if not losses:
+        return regions.new_zeros(())
+    return torch.stack(losses).mean()
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -390,6 +521,19 @@ class Trainer:
             + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
             + f"; device {device}, bf16 {bf16}"
         )
+        # Cross-attention supervision (--grounding-weight): the probe replaces the processors
+        # of the cross-attention layers (attn2) during training only; export saves weights.
+        self.probe: CrossAttentionProbe | None = None
+        if args.grounding_weight > 0:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            self.probe = CrossAttentionProbe()
+            self.unet.set_attn_processor(
+                {
+                    name: self.probe if name.endswith("attn2.processor") else AttnProcessor2_0()
+                    for name in self.unet.attn_processors
+                }
+            )
         # The modules that run the training steps (compiled or not); the plain modules are
         # kept for saving, export and the VAE's encode/decode methods.
         self.unet_fwd = torch.compile(self.unet) if args.compile else self.unet
@@ -582,26 +726,32 @@ class Trainer:
         step = self.state["unet_step"]
         log(f"[unet] training from step {step} (max {a.steps}, batch {a.batch_size})")
         window_loss = torch.zeros((), device=self.device)
+        window_grounding = torch.zeros((), device=self.device)
         window_n = 0
         t_log = time.monotonic()
         run_t0 = time.monotonic()
         while not budget.done(step):
             for g in opt.param_groups:
                 g["lr"] = a.lr * lr_factor(step, a.warmup, budget.progress(step), 0.2)
-            images, ids = self.unet_data.batch(a.batch_size, a.uncond_prob)
+            batch = self.unet_data.batch(a.batch_size, a.uncond_prob)
             with torch.no_grad(), _autocast(self.device, self.bf16):
-                latents = self.vae.encode(images).latent_dist.sample().float() * scale
+                latents = self.vae.encode(batch.images).latent_dist.sample().float() * scale
             noise = torch.randn_like(latents)
             t = torch.randint(0, len(self.alphas_cumprod), (len(latents),), device=self.device)
             ac = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             noisy = ac.sqrt() * latents + (1.0 - ac).sqrt() * noise
             with _autocast(self.device, self.bf16):
-                context = text(ids).last_hidden_state
+                context = text(batch.ids).last_hidden_state
                 pred = self.unet_fwd(noisy, t, context).sample
             per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
             snr = ac.view(-1) / (1.0 - ac.view(-1))
             weight = torch.clamp(snr, max=a.min_snr_gamma) / snr
             loss = (weight * per_sample).mean()
+            if self.probe is not None:
+                grounding = grounding_loss(self.probe.maps, batch.regions, batch.token_region)
+                self.probe.maps.clear()
+                loss = loss + a.grounding_weight * grounding
+                window_grounding += grounding.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.unet_params, 1.0)
@@ -622,13 +772,18 @@ class Trainer:
                     "lr": opt.param_groups[0]["lr"],
                     "steps_per_s": rate,
                 }
+                grounding_note = ""
+                if self.probe is not None:
+                    entry["grounding"] = float(window_grounding) / window_n
+                    grounding_note = f" grounding {entry['grounding']:.4f}"
                 self.state["history"].append(entry)
                 log(
-                    f"[unet] step {step} eps-mse {entry['mse']:.4f} lr {entry['lr']:.2e} "
-                    f"{rate:.2f} steps/s ({rate * a.batch_size:.0f} img/s) "
+                    f"[unet] step {step} eps-mse {entry['mse']:.4f}{grounding_note} "
+                    f"lr {entry['lr']:.2e} {rate:.2f} steps/s ({rate * a.batch_size:.0f} img/s) "
                     f"t {budget.elapsed():.0f}s"
                 )
                 window_loss.zero_()
+                window_grounding.zero_()
                 window_n = 0
                 t_log = now
             self.maybe_checkpoint(step)
@@ -828,6 +983,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout for CFG")
     p.add_argument("--text-layers", type=int, default=0, help="CLIP transformer layers")
+    p.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=0.0,
+        help="weight of the cross-attention grounding loss (each caption word's attention "
+        "inside what it names; 0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/checkpoint.pt")
     p.add_argument(
