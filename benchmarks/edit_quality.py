@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 photo_example = {"case": case, "images": images}
             log(f"photo {case.index}: {case.source} ({time.perf_counter() - began:.0f} s)")
     photo_seconds = time.perf_counter() - began
+    attention = eq.word_attention(model)
 
     meta = {
         "model": "demo model (p2p_framework/demo/weights)"
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "vae_psnr": vae_psnr,
         "examples": examples,
         "photo_example": photo_example,
+        "attention": attention,
     }
 
 
@@ -351,6 +353,20 @@ against the object in the render. Definitions in code: `p2p_framework/demo/edit_
 """
 
 
+def attention_table(attention: list[eq.WordAttention]) -> str:
+    lines = [
+        "| layer grid | object word: share on its object | object area | enrichment "
+        "| background word: share on the background | background area |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for a in attention:
+        lines.append(
+            f"| {a.grid}x{a.grid} | {a.object_share:.3f} | {a.object_area:.3f} "
+            f"| {a.object_enrichment:.2f}x | {a.background_share:.3f} | {a.background_area:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def describe(meta: dict[str, Any]) -> str:
     return (
         f"Model: {meta['model']}; {meta['scenes']} one-object and {meta['scenes']} two-object "
@@ -384,6 +400,13 @@ def report(results: dict[str, Any]) -> str:
             "colour swap with replace from each inversion):",
             "",
             photo_table(results["photos"], results["vae_psnr"]),
+            "",
+            "Word attention: how much of a caption word's cross-attention falls on what it "
+            f"names, on {len(eq.ATTENTION_TIMESTEPS)} noise levels (t = "
+            f"{', '.join(str(t) for t in eq.ATTENTION_TIMESTEPS)}) of 64 held-out renders, "
+            "averaged over heads and layers (flat maps: share = area, enrichment 1):",
+            "",
+            attention_table(results["attention"]),
         ]
     )
 
@@ -490,6 +513,7 @@ def raw(results: dict[str, Any]) -> dict[str, Any]:
         "sources": results["sources"],
         "photos": [asdict(p) for p in results["photos"]],
         "vae_psnr": results["vae_psnr"],
+        "attention": [asdict(a) for a in results["attention"]],
     }
 
 

@@ -409,3 +409,30 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
         output_type="np",
     )
     assert result.images.shape == (1, 64, 64, 3)
+
+
+def test_word_attention_compares_each_words_map_with_its_region():
+    from p2p_framework import load_model
+    from p2p_framework.demo import DEMO_MODEL_DIR
+    from p2p_framework.demo.edit_quality import EVAL_SEED, word_attention
+    from p2p_framework.demo.train import REGION_BACKGROUND, word_regions
+
+    model = load_model(DEMO_MODEL_DIR, device="cpu", dtype="float32")
+    before = {name: type(p) for name, p in model.unet.attn_processors.items()}
+    found = word_attention(model, n=4, timesteps=(500,))
+    assert [a.grid for a in found] == [16, 8, 4, 2]  # finest first, one row per layer grid
+    # The areas are the ground truth's: the mean share of the image each named region covers.
+    scenes = sample_scene_batch(np.random.default_rng([EVAL_SEED, 3]), 4)
+    _, masks, _ = render_batch(scenes, 64)
+    objects = masks.float().mean(dim=(2, 3)).numpy()
+    background = 1 - masks.any(dim=1).float().mean(dim=(1, 2)).numpy()
+    regions = word_regions(scenes, 77)
+    object_areas = [objects[i, r] for i, row in enumerate(regions) for r in row if 0 <= r < 2]
+    background_areas = [background[i] for i, row in enumerate(regions) for r in row if r == 2]
+    assert REGION_BACKGROUND == 2
+    for a in found:
+        assert a.object_area == pytest.approx(np.mean(object_areas), rel=1e-5)
+        assert a.background_area == pytest.approx(np.mean(background_areas), rel=1e-5)
+        assert 0 < a.object_share < 1 and 0 < a.background_share < 1
+    # The UNet's processors are given back.
+    assert {name: type(p) for name, p in model.unet.attn_processors.items()} == before

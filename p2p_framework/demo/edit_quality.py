@@ -55,6 +55,7 @@ from . import scoring
 from .shapes import COLOR_NAMES, SHAPES, TEXTURES, Scene, caption, sample_scene_batch
 
 __all__ = [
+    "ATTENTION_TIMESTEPS",
     "BACKGROUND_EDITS",
     "BLEND_VARIANTS",
     "KINDS",
@@ -68,6 +69,7 @@ __all__ = [
     "REWEIGHT_UP_RATIO",
     "SceneEdits",
     "TwoObjectEdit",
+    "WordAttention",
     "color_area",
     "dilate",
     "erode",
@@ -81,6 +83,7 @@ __all__ = [
     "sample_photo_cases",
     "sample_two_object_cases",
     "vae_round_trip",
+    "word_attention",
 ]
 
 KINDS: tuple[str, ...] = (
@@ -685,3 +688,108 @@ def run_photo(
             )
         )
     return measures, images
+
+
+# -- word attention ---------------------------------------------------------------------------
+
+#: Timesteps (of 1000) at which :func:`word_attention` noises the renders: early, middle and
+#: late in a 50-step generation.
+ATTENTION_TIMESTEPS: tuple[int, ...] = (800, 500, 200)
+
+
+@dataclass
+class WordAttention:
+    """How much of a word's cross-attention falls on what it names, on one layer grid.
+
+    Attributes:
+        grid: the layers' grid side (16: the latent's own grid).
+        object_share: mean share of an object word's (colour, shape) attention mass (summed
+            over the grid, averaged over heads, layers and timesteps) inside its object.
+        object_area: mean share of the image that object covers (the share of flat maps).
+        background_share, background_area: the same for the background's colour and texture
+            words and the area outside every object.
+    """
+
+    grid: int
+    object_share: float
+    object_area: float
+    background_share: float
+    background_area: float
+
+    @property
+    def object_enrichment(self) -> float:
+        """``object_share / object_area``: 1 for flat maps."""
+        return self.object_share / self.object_area
+
+
+def word_attention(
+    model: StableDiffusionModel,
+    n: int = 64,
+    timesteps: Sequence[int] = ATTENTION_TIMESTEPS,
+    seed: int = 0,
+) -> list[WordAttention]:
+    """Measure how well the model's cross-attention localises caption words (finest grid first).
+
+    ``n`` held-out scenes are rendered, encoded and noised to each of ``timesteps``; the UNet
+    sees their captions, and each named word's attention (see
+    :func:`p2p_framework.demo.train.word_regions`) is compared with the ground-truth region,
+    area-averaged to each layer grid. Prompt-to-Prompt injects these maps, and local blend
+    thresholds them, so flat maps (share = area) leave both with little to work with.
+    """
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from .shapes import render_batch
+    from .train import REGION_BACKGROUND, CrossAttentionProbe, word_regions
+
+    scenes = sample_scene_batch(np.random.default_rng([EVAL_SEED, 3]), n)
+    images, masks, _ = render_batch(scenes, model.default_size)
+    objects = masks.float()
+    regions = torch.cat([objects, 1 - objects.amax(dim=1, keepdim=True)], dim=1)
+    token_region = torch.as_tensor(word_regions(scenes, model.max_tokens))
+    named_object = (token_region >= 0) & (token_region < REGION_BACKGROUND)
+    named_background = token_region == REGION_BACKGROUND
+    schedule = DDPMScheduler.from_config(model.scheduler_config)
+    generator = torch.Generator().manual_seed(seed)
+    latents = model.encode_image(images.float().div(255).to(model.device))
+    context = model.encode_text(scenes.captions())
+
+    probe = CrossAttentionProbe()
+    saved = model.unet.attn_processors
+    model.unet.set_attn_processor(
+        {name: probe if name.endswith("attn2.processor") else p for name, p in saved.items()}
+    )
+    shares: dict[int, list[torch.Tensor]] = {}
+    try:
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            noisy = schedule.add_noise(latents, noise, torch.tensor([t]))
+            probe.maps.clear()
+            with torch.no_grad():
+                model.unet(noisy, torch.full((n,), t, device=model.device), context)
+            for probs in probe.maps:
+                grid = math.isqrt(probs.shape[2])
+                per_token = probs.float().mean(dim=1).cpu()  # (scenes, queries, tokens)
+                area = F.adaptive_avg_pool2d(regions, grid).flatten(2)
+                inside = torch.einsum("bqt,brq->btr", per_token, area)
+                index = token_region.clamp_min(0).unsqueeze(-1)
+                share = inside.gather(2, index).squeeze(-1) / per_token.sum(dim=1)
+                shares.setdefault(grid, []).append(share)
+    finally:
+        model.unet.set_attn_processor(saved)
+
+    area = regions.flatten(2).mean(dim=2).gather(1, token_region.clamp_min(0))
+    found = []
+    for grid in sorted(shares, reverse=True):
+        share = torch.stack(shares[grid]).mean(dim=0)  # over layers and timesteps
+        found.append(
+            WordAttention(
+                grid=grid,
+                object_share=float(share[named_object].mean()),
+                object_area=float(area[named_object].mean()),
+                background_share=float(share[named_background].mean()),
+                background_area=float(area[named_background].mean()),
+            )
+        )
+    return found
