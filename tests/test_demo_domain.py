@@ -380,24 +380,29 @@ def test_cross_attention_probe_computes_what_the_default_processor_does():
 @pytest.mark.slow
 def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
 
     from p2p_framework.demo.train import main
 
     out = tmp_path / "model"
     work = tmp_path / "work"
     args = ["--smoke", "--device", "cpu", "--out", str(out), "--work-dir", str(work)]
-    assert main([*args, "--steps", "2"]) == 0
+    assert main([*args, "--steps", "2", "--grounding-weight", "0"]) == 0
     assert (work / "checkpoint.pt").exists()
     # Resume: the VAE is done, two more UNet steps.
-    # Resume with the grounding loss on: two more UNet steps, the loss logged.
+    info = json.loads((out / "training_info.json").read_text())
+    assert "grounding" not in info["history_tail"][-1]  # switched off
+    # Resume, the grounding loss on by default: two more UNet steps, the loss logged.
     resume = ["--stage", "unet", "--resume", "--steps", "4", "--eval-samples", "0"]
-    assert main([*args, *resume, "--grounding-weight", "0.02"]) == 0
+    assert main([*args, *resume, "--save-dtype", "float16"]) == 0
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float16}
     info = json.loads((out / "training_info.json").read_text())
     assert info["unet_step"] == 4 and info["vae_step"] == 4
     assert info["args"]["grounding_weight"] == 0.02
     assert 0 < info["history_tail"][-1]["grounding"] <= 1
 
-    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
     assert pipe.vae_scale_factor == 4
     assert pipe.tokenizer.model_max_length == 77
     assert pipe.scheduler.config.steps_offset == 1

@@ -44,6 +44,18 @@ with spatially uniform attention. ``--text-layers N`` trains a causal CLIP with 
 instead. Captions mention objects left to right, which gives the UNet a consistent rule to bind
 the first colour/shape words to the left object.
 
+*Grounding loss (``--grounding-weight``, default 0.02).* The renderer knows which pixels each
+caption word names (an object's colour and shape words: its mask; the background's colour and
+texture words: the rest), so training adds TokenCompose's token loss (Wang et al., CVPR 2024):
+for every named word and every cross-attention layer of grid 4 x 4 or finer, ``(1 - m)^2``
+where ``m`` is the share of the word's attention mass inside its region
+(:func:`grounding_loss`, through :class:`CrossAttentionProbe`). Without it this small model's
+word maps stay nearly flat (a word put 10-13 % of its attention on an object covering 8 % of
+the image after 681 GPU steps), which leaves Prompt-to-Prompt's injected maps little layout to
+carry and local blend no mask; SD's maps localise by scale, which a 7 M-parameter model trained
+for minutes does not have. The loss changes no architecture and no saved weight format; the
+exported model is an ordinary diffusers pipeline.
+
 *Diffusion:* SD's noise schedule (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon
 prediction), uniform timesteps, min-SNR-5 loss weighting (faster convergence), captions
 dropped to ``""`` 10 % of the time for classifier-free guidance, AdamW with warm-up and a
@@ -816,6 +828,9 @@ class Trainer:
             feature_extractor=None,
             requires_safety_checker=False,
         )
+        if self.args.save_dtype == "float16":
+            # Trained in float32 (EMA); saved in half the size. Loading casts back as asked.
+            pipe.to(torch.float16)
         out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(out)
         info = {
@@ -861,7 +876,7 @@ def evaluate(
 
     from .scoring import score_image
 
-    pipe = StableDiffusionPipeline.from_pretrained(out).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     scenes = sample_scene_batch(np.random.default_rng(_EVAL_SEED), n)
     captions = scenes.captions()
@@ -986,7 +1001,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--grounding-weight",
         type=float,
-        default=0.0,
+        default=0.02,
         help="weight of the cross-attention grounding loss (each caption word's attention "
         "inside what it names; 0: off)",
     )
@@ -1003,6 +1018,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="images to generate and score at the end (64 CUDA, 8 CPU; 0: none)",
+    )
+    p.add_argument(
+        "--save-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="precision of the saved weights (the shipped demo model: float16)",
     )
     p.add_argument("--eval-steps", type=int, default=50, help="DDIM steps of the evaluation")
     p.add_argument("--guidance-scale", type=float, default=7.5)
