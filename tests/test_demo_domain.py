@@ -402,7 +402,7 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
     assert info["args"]["grounding_weight"] == 0.02
     assert 0 < info["history_tail"][-1]["grounding"] <= 1
 
-    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32)
     assert pipe.vae_scale_factor == 4
     assert pipe.tokenizer.model_max_length == 77
     assert pipe.scheduler.config.steps_offset == 1

@@ -565,7 +565,7 @@ class Trainer:
         log(f"initialising from pipeline {path}")
         self.vae = AutoencoderKL.from_pretrained(path / "vae")
         self.unet = UNet2DConditionModel.from_pretrained(path / "unet")
-        self.text = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.float32)
+        self.text = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32)
         self.configs = {
             "vae": {k: v for k, v in self.vae.config.items() if not k.startswith("_")},
             "unet": {k: v for k, v in self.unet.config.items() if not k.startswith("_")},
@@ -876,7 +876,7 @@ def evaluate(
 
     from .scoring import score_image
 
-    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     scenes = sample_scene_batch(np.random.default_rng(_EVAL_SEED), n)
     captions = scenes.captions()
