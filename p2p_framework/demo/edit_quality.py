@@ -737,16 +737,20 @@ def word_attention(
     thresholds them, so flat maps (share = area) leave both with little to work with.
     """
     import torch
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
     from .shapes import render_batch
-    from .train import REGION_BACKGROUND, CrossAttentionProbe, word_regions
+    from .train import (
+        REGION_BACKGROUND,
+        CrossAttentionProbe,
+        region_shares,
+        scene_regions,
+        word_regions,
+    )
 
     scenes = sample_scene_batch(np.random.default_rng([EVAL_SEED, 3]), n)
     images, masks, _ = render_batch(scenes, model.default_size)
-    objects = masks.float()
-    regions = torch.cat([objects, 1 - objects.amax(dim=1, keepdim=True)], dim=1)
+    regions = scene_regions(masks)
     token_region = torch.as_tensor(word_regions(scenes, model.max_tokens))
     named_object = (token_region >= 0) & (token_region < REGION_BACKGROUND)
     named_background = token_region == REGION_BACKGROUND
@@ -756,10 +760,7 @@ def word_attention(
     context = model.encode_text(scenes.captions())
 
     probe = CrossAttentionProbe()
-    saved = model.unet.attn_processors
-    model.unet.set_attn_processor(
-        {name: probe if name.endswith("attn2.processor") else p for name, p in saved.items()}
-    )
+    saved = probe.attach(model.unet)
     shares: dict[int, list[torch.Tensor]] = {}
     try:
         for t in timesteps:
@@ -769,13 +770,8 @@ def word_attention(
             with torch.no_grad():
                 model.unet(noisy, torch.full((n,), t, device=model.device), context)
             for probs in probe.maps:
-                grid = math.isqrt(probs.shape[2])
-                per_token = probs.float().mean(dim=1).cpu()  # (scenes, queries, tokens)
-                area = F.adaptive_avg_pool2d(regions, grid).flatten(2)
-                inside = torch.einsum("bqt,brq->btr", per_token, area)
-                index = token_region.clamp_min(0).unsqueeze(-1)
-                share = inside.gather(2, index).squeeze(-1) / per_token.sum(dim=1)
-                shares.setdefault(grid, []).append(share)
+                share = region_shares(probs.cpu(), regions, token_region)
+                shares.setdefault(math.isqrt(probs.shape[2]), []).append(share)
     finally:
         model.unet.set_attn_processor(saved)
 

@@ -231,6 +231,13 @@ def word_regions(scenes: SceneBatch, max_length: int) -> np.ndarray:
     return regions
 
 
+def scene_regions(masks: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` float regions from :func:`render_batch`'s ``(B, 2, H, W)`` object masks:
+    the two object slots, then the background (:data:`REGION_BACKGROUND`, outside both)."""
+    objects = masks.float()
+    return torch.cat([objects, 1.0 - objects.amax(dim=1, keepdim=True)], dim=1)
+
+
 @dataclass
 class TrainingBatch:
     """One UNet training batch.
@@ -307,12 +314,10 @@ class SceneStream:
         token_region = word_regions(scenes, self.max_length)
         token_region[dropped] = -1
         images, masks, _ = render_batch(scenes, self.size, self.device)
-        objects = masks.float()
-        background = 1.0 - objects.amax(dim=1, keepdim=True)
         return TrainingBatch(
             images=self._to_float(images),
             ids=to_device(torch.as_tensor(ids), self.device),
-            regions=torch.cat([objects, background], dim=1),
+            regions=scene_regions(masks),
             token_region=to_device(torch.as_tensor(token_region), self.device),
         )
 
@@ -389,6 +394,15 @@ class CrossAttentionProbe:
     def __init__(self) -> None:
         self.maps: list[torch.Tensor] = []
 
+    def attach(self, unet: Any) -> dict[str, Any]:
+        """Serve every cross-attention layer (``attn2``) of ``unet``, keeping the other
+        layers' processors; returns the processors it replaced, for ``set_attn_processor``."""
+        saved = unet.attn_processors
+        unet.set_attn_processor(
+            {name: self if name.endswith("attn2.processor") else p for name, p in saved.items()}
+        )
+        return saved
+
     def __call__(
         self,
         attn: Any,
@@ -415,6 +429,23 @@ class CrossAttentionProbe:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def region_shares(
+    probs: torch.Tensor, regions: torch.Tensor, token_region: torch.Tensor
+) -> torch.Tensor:
+    """Share of each token's attention mass inside the region it names: ``(batch, tokens)``.
+
+    ``probs`` ``(batch, heads, queries, tokens)`` on a square grid (averaged over heads);
+    ``regions`` ``(batch, regions, H, W)``, area-averaged to that grid; ``token_region``
+    ``(batch, tokens)`` region indices (entries for ``-1`` tokens are meaningless).
+    """
+    grid = math.isqrt(probs.shape[2])
+    area = F.adaptive_avg_pool2d(regions, grid).flatten(2)  # (batch, regions, queries)
+    per_token = probs.float().mean(dim=1)  # (batch, queries, tokens)
+    inside = torch.einsum("bqt,brq->btr", per_token, area)  # mass in each region
+    total = per_token.sum(dim=1).clamp_min(1e-8)  # (batch, tokens)
+    return inside.gather(2, token_region.clamp_min(0).unsqueeze(-1)).squeeze(-1) / total
+
+
 def grounding_loss(
     maps: list[torch.Tensor],
     regions: torch.Tensor,
@@ -434,17 +465,12 @@ def grounding_loss(
     named = token_region >= 0
     if not maps or not bool(named.any()):
         return regions.new_zeros(())
-    index = token_region.clamp_min(0)
     losses = []
     for probs in maps:
         grid = math.isqrt(probs.shape[2])
         if grid < min_grid or grid * grid != probs.shape[2]:
             continue
-        area = F.adaptive_avg_pool2d(regions, grid).flatten(2)  # (batch, regions, queries)
-        per_token = probs.float().mean(dim=1)  # (batch, queries, tokens)
-        inside = torch.einsum("bqt,brq->btr", per_token, area)  # mass in each region
-        total = per_token.sum(dim=1).clamp_min(1e-8)  # (batch, tokens)
-        share = inside.gather(2, index.unsqueeze(-1)).squeeze(-1) / total
+        share = region_shares(probs, regions, token_region)
         losses.append(((1.0 - share) ** 2)[named].mean())
     if not losses:
         return regions.new_zeros(())
@@ -537,15 +563,8 @@ class Trainer:
         # of the cross-attention layers (attn2) during training only; export saves weights.
         self.probe: CrossAttentionProbe | None = None
         if args.grounding_weight > 0:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
             self.probe = CrossAttentionProbe()
-            self.unet.set_attn_processor(
-                {
-                    name: self.probe if name.endswith("attn2.processor") else AttnProcessor2_0()
-                    for name in self.unet.attn_processors
-                }
-            )
+            self.probe.attach(self.unet)
         # The modules that run the training steps (compiled or not); the plain modules are
         # kept for saving, export and the VAE's encode/decode methods.
         self.unet_fwd = torch.compile(self.unet) if args.compile else self.unet
