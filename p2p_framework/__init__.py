@@ -15,7 +15,7 @@ Plugin authors subclass :class:`Edit` or :class:`Source` and register them with
 """
 
 from .attention import AttentionController, ControlledAttnProcessor
-from .edit import Edit, RunContext
+from .edit import Edit, EditRun, PromptToPromptEdit, RunContext, SelfReplaceRun, Step
 from .errors import ModelLoadError, OptionError, P2PError, PluginError, PromptError
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
@@ -35,6 +35,7 @@ __all__ = [
     "ControlledAttnProcessor",
     "Edit",
     "EditJob",
+    "EditRun",
     "EditResult",
     "EditSettings",
     "ModelLoadError",
@@ -46,11 +47,14 @@ __all__ = [
     "PluginInfo",
     "PluginRegistry",
     "PromptError",
+    "PromptToPromptEdit",
     "RunContext",
+    "SelfReplaceRun",
     "Source",
     "SourceRequest",
     "SourceStart",
     "StableDiffusionModel",
+    "Step",
     "attention_image",
     "get_registry",
     "grid_image",

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from p2p_framework import Edit, PluginRegistry, hookimpl
+from p2p_framework import Edit, EditRun, PluginRegistry, hookimpl
 from p2p_framework.cli import cli
 from p2p_framework.jobs import MODEL_ENV
 from p2p_framework.outputs import OutputError, write_bytes_atomic
@@ -351,7 +351,15 @@ class Dampen(Edit):
     factor: float = field(default=1.0, metadata={"help": "multiplier"})
     words: list[str] = field(default_factory=list, metadata={"help": "words"})
 
-    def cross_attention(self, injected, targets, layer):  # noqa: ANN001
+    def bind(self, run):  # noqa: ANN001, ANN201
+        return DampenRun(self.factor)
+
+
+class DampenRun(EditRun):
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def cross_attention(self, injected, targets, layer, step):  # noqa: ANN001, ANN201
         return injected * self.factor
 
 
