@@ -12,9 +12,15 @@ from typing import Annotated
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from p2p_framework import Source, SourceRequest, SourceStart, hookimpl
+
+
+def _fits_64_bits(seed: int) -> int:
+    if seed >= 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"must be below 2**64 = {2**64}")
+    return seed
 
 
 @dataclass(frozen=True)
@@ -23,8 +29,7 @@ class Seed(Source):
 
     name = "seed"
 
-    # torch.Generator.manual_seed takes at most 64 bits.
-    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] = field(
+    seed: Annotated[int, Field(ge=0), AfterValidator(_fits_64_bits)] = field(
         default=8888, metadata={"help": "random seed of the initial noise"}
     )
 

@@ -300,7 +300,6 @@ def test_jobs_may_share_edit_objects(tiny_model):
     ]
     assert_same_results(together, apart)
     assert together[0].edit_runs[1] is not together[1].edit_runs[1]
-    assert not torch.equal(together[0].edit_runs[1].mask, together[1].edit_runs[1].mask)
 
 
 def test_bad_batches_are_clear_errors(tiny_model):

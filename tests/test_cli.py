@@ -139,7 +139,7 @@ def test_run_record_has_every_parameter(edit_run, tiny_model_dir):
     }
     edits = {e["name"]: e for e in record["edits"]}
     assert [e["name"] for e in record["edits"]] == ["replace", "reweight", "local-blend"]
-    assert edits["reweight"]["options"] == {"weights": {"lion": 2.0}}
+    assert edits["reweight"]["options"] == {"weights": {"lion": 2.0}, "self_replace": True}
     assert edits["local-blend"]["options"]["words"] == ["squirrel", "lion"]
     assert edits["local-blend"]["options"]["threshold"] == 0.4
     assert edits["local-blend"]["options"]["start_blend"] == 0.2  # defaults included
@@ -314,7 +314,7 @@ def test_plugins_lists_kind_package_version_and_options(invoke):
     assert seed["options"] == [
         {
             "name": "seed",
-            "type": "int",
+            "type": "int >= 0",
             "default": 8888,
             "required": False,
             "help": "random seed of the initial noise",
@@ -413,6 +413,7 @@ def test_example_plugin_runs_with_set_options(invoke, tiny_model_dir, tmp_path):
         "factor": 0.25,
         "renormalize": True,
         "places": ["up", "mid"],
+        "self_replace": True,
     }
 
 
@@ -421,11 +422,12 @@ def test_example_plugin_errors_are_one_line(invoke, tiny_model_dir, tmp_path):
     args = edit_args(tiny_model_dir, tmp_path, "--edit", "suppress-word")
     result = invoke(*args, "--set", "suppress-word.words=zebra", obj=PluginRegistry())
     assert_one_line_error(result, "suppress-word: words: none of ['zebra']")
-    result = invoke(*args, "--set", "suppress-word.places=left", obj=PluginRegistry())
+    result = invoke(*args, "--set", "suppress-word.places=up", obj=PluginRegistry())
     assert_one_line_error(result, "suppress-word: words: is required")
     args += ["--set", "suppress-word.words=lion"]
     result = invoke(*args, "--set", "suppress-word.places=left", obj=PluginRegistry())
-    assert_one_line_error(result, "suppress-word: places: expected some of down, mid, up")
+    assert_one_line_error(result, "suppress-word: places:")
+    assert "'down', 'mid', 'up'" in result.output or "down, mid, up" in result.output
 
 
 # --------------------------------------------------------------------------- pipeline files
