@@ -114,15 +114,6 @@ def test_different_edits_and_schedules_in_one_batch(tiny_model, monkeypatch):
     assert (plain.latents[1] - batched[1].latents[1]).abs().max() > 1e-2
 
 
-def test_one_job_batch_is_run_edit_exactly(tiny_model):
-    def job():
-        return EditJob([SQUIRREL, LION], [Replace(), LocalBlend(words=["squirrel", "lion"])])
-
-    (batched,) = run_edits(tiny_model, [EditJob(**{**job().__dict__, "settings": settings()})])
-    alone = run_edit(tiny_model, [SQUIRREL, LION], job().edits, settings=settings())
-    assert torch.equal(batched.latents, alone.latents)
-
-
 @pytest.fixture(scope="module")
 def inversions(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """A null-text and a direct inversion of a small synthetic photo, saved once."""

@@ -12,6 +12,8 @@ import torch
 from p2p_framework import (
     AttentionController,
     AttentionStore,
+    Edit,
+    EditRun,
     EditSettings,
     OptionError,
     RunContext,
@@ -363,3 +365,100 @@ def test_bad_run_settings_are_clear_errors(tiny_model):
         run_edit(tiny_model, [SOURCE], [], settings=settings(height=100))
     with pytest.raises(OptionError, match=r"^pipeline: steps"):
         run_edit(tiny_model, [SOURCE], [], settings=settings(steps=0))
+
+
+# -- the edit protocol: which hooks run, with which step ----------------------------------------
+
+
+class HookSpyRun(EditRun):
+    """Records every hook call as (hook, step, is_cross); changes nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, bool]] = []
+
+    def attention_inputs(self, query, key, value, layer, step):
+        self.calls.append(("inputs", step, layer.is_cross))
+        return query, key, value
+
+    def self_attention(self, source, targets, layer, step):
+        self.calls.append(("self", step, layer.is_cross))
+        return targets
+
+    def cross_attention(self, injected, targets, layer, step):
+        self.calls.append(("cross", step, layer.is_cross))
+        return targets  # inject the targets' own maps: no change
+
+    def after_step(self, latents, step):
+        self.calls.append(("after", step, False))
+        return latents
+
+
+@dataclass(frozen=True)
+class HookSpy(Edit):
+    name = "hook-spy"
+
+    def bind(self, run: RunContext) -> HookSpyRun:
+        return HookSpyRun()
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_every_hook_gets_the_step_and_changes_nothing_by_default(tiny_model, separate):
+    plain = run_edit(tiny_model, [SOURCE, TARGET], [], settings=settings())
+    spied = run_edit(
+        tiny_model,
+        [SOURCE, TARGET],
+        [HookSpy()],
+        settings=settings(cross_replace_steps=(0.25, 0.75), separate_uncond_pass=separate),
+    )
+    calls = spied.edit_runs[0].calls
+    # every layer materialised (softmax) instead of the fused kernel: rounding only
+    torch.testing.assert_close(spied.latents, plain.latents, atol=1e-4, rtol=1e-4)
+    steps = {hook: sorted({s for h, s, _ in calls if h == hook}) for hook in ("inputs", "self")}
+    assert steps["inputs"] == steps["self"] == list(range(STEPS))
+    assert {c for h, _, c in calls if h == "self"} == {False}
+    # cross only inside the schedule's rows int(a*(T+1)) <= t < int(b*(T+1))
+    rows = STEPS + 1
+    window = list(range(int(0.25 * rows), int(0.75 * rows)))
+    assert sorted({s for h, s, _ in calls if h == "cross"}) == window
+    assert {c for h, _, c in calls if h == "cross"} == {True}
+    assert [s for h, s, _ in calls if h == "after"] == list(range(STEPS))
+    # once per layer call of a step (never for an unconditional-only pass)
+    layers = len(tiny_model.unet.attn_processors)
+    assert sum(1 for h, s, _ in calls if h == "inputs" and s == 0) == layers
+
+
+class InjectSourceRun(EditRun):
+    def cross_attention(self, injected, targets, layer, step):
+        return injected
+
+
+@dataclass(frozen=True)
+class InjectSource(Edit):
+    name = "inject-source"
+
+    def bind(self, run: RunContext) -> InjectSourceRun:
+        return InjectSourceRun()
+
+
+def test_self_attention_injection_belongs_to_the_prompt_to_prompt_edits(tiny_model):
+    """Overriding cross_attention no longer switches self-attention injection on; the P2P
+    edits do it through their shared self_replace option."""
+    prompts = [SOURCE, TARGET]
+    with_self = settings(self_replace_steps=0.6)
+    without_self = settings(self_replace_steps=0.0)
+
+    def latents(edits, run_settings):
+        return run_edit(tiny_model, prompts, edits, settings=run_settings).latents
+
+    assert torch.equal(
+        latents([InjectSource()], with_self), latents([InjectSource()], without_self)
+    )
+    assert torch.equal(
+        latents([Replace(self_replace=False)], with_self), latents([Replace()], without_self)
+    )
+    assert not torch.equal(latents([Replace()], with_self), latents([Replace()], without_self))
+    # A P2P edit turns it on for a run even beside a non-P2P cross edit.
+    assert not torch.equal(
+        latents([InjectSource(), Reweight({"lion": 1.0})], with_self),
+        latents([InjectSource(), Reweight({"lion": 1.0}, self_replace=False)], with_self),
+    )
