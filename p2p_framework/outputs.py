@@ -24,17 +24,39 @@ import os
 import platform
 import secrets
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import P2PError
-from .values import json_ready
 
 #: ``format`` field of every run record.
 RECORD_FORMAT = "p2p-framework/run@1"
+
+
+def json_ready(value: Any) -> Any:
+    """A JSON-serialisable copy of a value: objects with ``to_json()`` (schedules, settings)
+    by it, tuples as lists, paths as strings, tensor/array scalars as numbers."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if hasattr(value, "to_json"):
+        return json_ready(value.to_json())
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_ready(v) for v in value]
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        return json_ready(item())
+    if hasattr(value, "tolist"):
+        return json_ready(value.tolist())
+    return repr(value)
 
 
 class OutputError(P2PError):
@@ -389,7 +411,7 @@ def run_record(
         "prompts": list(result.prompts),
         "source": plugin_record(result.source, "source", registry),
         "edits": [plugin_record(edit, "edit", registry) for edit in result.edits],
-        "settings": json_ready(dict(result.settings.__dict__)),
+        "settings": result.settings.to_json(),
         "seed": json_ready(seed),
         "source_info": json_ready(result.source_info),
         "save_attention": bool(save_attention),

@@ -42,6 +42,8 @@ class InversionSource(Source):
     """Shared options and behaviour of the inversion sources (not registered itself)."""
 
     method: ClassVar[str] = ""
+    shortcuts = {"image": "image", "inversion": "inversion", "no_cache": "cache"}
+    chosen_by = {"inversion": lambda path: Inversion.load(path).method}  # the file's method
 
     image: str | None = field(
         default=None, metadata={"help": "photo to invert (path); or give inversion"}
@@ -168,6 +170,7 @@ class NullTextSource(InversionSource):
     """Start from a real photo by null-text inversion (the paper's; slow, faithful)."""
 
     name = "null-text"
+    chosen_by = {"image": True}  # --image without --source
     method: ClassVar[str] = "null-text"
 
     num_inner_steps: int = field(
