@@ -36,7 +36,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 class _State:
-    """Per-invocation flags the error handler needs (set before parsing, from argv)."""
+    """Per-invocation flags the error handler needs (set by the options' callbacks)."""
 
     quiet = False
     debug = False
@@ -87,8 +87,7 @@ class P2PGroup(click.Group):
         **extra: Any,
     ) -> Any:
         args = list(sys.argv[1:] if args is None else args)
-        _state.debug = "--debug" in args
-        _state.quiet = "--quiet" in args or "-q" in args
+        _state.debug = _state.quiet = False
         try:
             result = super().main(
                 args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
@@ -139,12 +138,26 @@ def _one_line(text: str) -> str:
 # -- shared options ---------------------------------------------------------------------------
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    setattr(_state, str(param.name), value)
+    return value
+
+
 def _verbosity(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
-        "--debug", is_flag=True, help="Show tracebacks and the libraries' own logs."
+        "--debug",
+        is_flag=True,
+        is_eager=True,
+        callback=_remember,
+        help="Show tracebacks and the libraries' own logs.",
     )(func)
     func = click.option(
-        "-q", "--quiet", is_flag=True, help="No progress bar and no logs on stderr; errors only."
+        "-q",
+        "--quiet",
+        is_flag=True,
+        is_eager=True,
+        callback=_remember,
+        help="No progress bar and no logs on stderr; errors only.",
     )(func)
     return func
 

@@ -336,7 +336,6 @@ def plugin_record(plugin: Any, kind: str, registry: Any = None) -> dict[str, Any
     The name comes from the registry entry whose class is ``type(plugin)`` (falling back to
     the class's ``name``), so a record can be turned back into plugins by name.
     """
-    from .options import describe_options
     from .registry import get_registry
 
     registry = registry if registry is not None else get_registry()
@@ -344,14 +343,13 @@ def plugin_record(plugin: Any, kind: str, registry: Any = None) -> dict[str, Any
         (i for i in registry.plugins(kind) if i.plugin_class is type(plugin)),
         None,
     )
-    fields = [option.name for option in describe_options(type(plugin))]
     return {
         "name": info.name if info else getattr(plugin, "name", type(plugin).__name__),
         "kind": kind,
         "package": info.package if info else "unknown",
         "version": info.version if info else "unknown",
         "plugin": info.plugin if info else type(plugin).__module__,
-        "options": {name: json_ready(getattr(plugin, name)) for name in fields},
+        "options": json_ready(plugin.option_values()),
     }
 
 

@@ -162,14 +162,7 @@ class CrossReplace:
                 except ValueError as error:
                     raise OptionError(OWNER, option, f"bad JSON {text!r}: {error}") from None
             elif "=" in text:
-                value = {}
-                for item in (part for part in text.split(",") if part.strip()):
-                    word, sep, bounds = item.partition("=")
-                    if not sep or not word.strip():
-                        raise OptionError(
-                            OWNER, option, f"expected word=fraction pairs, got {text!r}"
-                        )
-                    value[word.strip()] = bounds
+                value = _word_windows(text)
         if isinstance(value, Mapping):
             words = dict(value)
             default = StepWindow()
@@ -229,6 +222,19 @@ class CrossReplace:
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
         return _core_schema(cls.parse)
+
+
+def _word_windows(text: str) -> dict[str, str]:
+    """``default=1.0,lion=0.1:0.4`` -> ``{"default": "1.0", "lion": "0.1:0.4"}``."""
+    found = {}
+    for item in (part for part in text.split(",") if part.strip()):
+        word, sep, bounds = item.partition("=")
+        if not sep or not word.strip():
+            raise OptionError(
+                OWNER, "cross_replace_steps", f"expected word=fraction pairs, got {text!r}"
+            )
+        found[word.strip()] = bounds
+    return found
 
 
 def cross_replace_table(
