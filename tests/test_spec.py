@@ -344,3 +344,33 @@ def test_cli_option_errors_exit_2(with_scale, tiny_model_dir, tmp_path, args, fr
 def test_json_ready_uses_to_json():
     value = {"a": (1, Path("p")), 2: float("nan"), "w": StepWindow(0.2, 0.6)}
     assert json_ready(value) == {"a": [1, "p"], "2": "nan", "w": [0.2, 0.6]}
+
+
+def test_cross_replace_text_is_parsed_once_from_the_cli_to_the_table(
+    registry, tiny_model_dir, tmp_path, monkeypatch
+):
+    """``--cross-replace`` text is read once; the table is built from that object."""
+    parsed: list[object] = []
+    tables: list[CrossReplace] = []
+    real_parse, real_table = CrossReplace.parse.__func__, CrossReplace.table
+
+    def parse(cls, value):  # noqa: ANN001
+        if not isinstance(value, CrossReplace):
+            parsed.append(value)
+        return real_parse(cls, value)
+
+    def table(self, *args):  # noqa: ANN001
+        tables.append(self)
+        return real_table(self, *args)
+
+    monkeypatch.setattr(CrossReplace, "parse", classmethod(parse))
+    monkeypatch.setattr(CrossReplace, "table", table)
+    args = [
+        "edit", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+        "--prompt", "a painting of a squirrel", "--target", "a painting of a lion",
+        "--cross-replace", "default=1.0,lion=0.1:0.4", *FAST,
+    ]  # fmt: skip
+    result = CliRunner().invoke(cli, args, obj=registry)
+    assert result.exit_code == 0, result.output
+    assert parsed == ["default=1.0,lion=0.1:0.4"]
+    assert tables == [CrossReplace(1.0, {"lion": (0.1, 0.4)})]
