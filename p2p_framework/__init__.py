@@ -23,6 +23,7 @@ from .options import OptionInfo, Plugin
 from .outputs import attention_image, grid_image
 from .pipeline import EditJob, EditResult, EditSettings, run_edit, run_edits
 from .registry import PluginInfo, PluginRegistry, get_registry
+from .schedules import CrossReplace, StepWindow
 from .source import Source, SourceRequest, SourceStart
 from .store import AttentionLayer, AttentionStore
 
@@ -33,6 +34,7 @@ __all__ = [
     "AttentionLayer",
     "AttentionStore",
     "ControlledAttnProcessor",
+    "CrossReplace",
     "Edit",
     "EditJob",
     "EditRun",
@@ -55,6 +57,7 @@ __all__ = [
     "SourceStart",
     "StableDiffusionModel",
     "Step",
+    "StepWindow",
     "attention_image",
     "get_registry",
     "grid_image",
