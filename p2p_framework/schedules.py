@@ -25,12 +25,14 @@ OWNER = "pipeline"
 _OLD_DEFAULT_KEY = "default_"
 
 
-def _core_schema(parse: Any) -> Any:
-    """A pydantic core schema that validates with ``parse`` and serialises with ``to_json``."""
+def _core_schema(cls: Any) -> Any:
+    """A pydantic core schema that validates with ``cls.parse`` (looked up at each call) and
+    serialises with ``to_json``."""
     from pydantic_core import core_schema
 
     return core_schema.no_info_plain_validator_function(
-        parse, serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.to_json())
+        lambda value: cls.parse(value),
+        serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.to_json()),
     )
 
 
@@ -106,7 +108,7 @@ class StepWindow:
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
-        return _core_schema(cls.parse)
+        return _core_schema(cls)
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ class CrossReplace:
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
-        return _core_schema(cls.parse)
+        return _core_schema(cls)
 
 
 def _word_windows(text: str) -> dict[str, str]:
