@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from .errors import P2PError
+from .model import DTYPES
 from .runner import AUTO_BATCH_ROWS, MODEL_ENV
 from .spec import SHORTCUTS
 
@@ -31,8 +32,6 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 #: Exit status after Ctrl-C.
 EXIT_INTERRUPTED = 130
-
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 class _State:
