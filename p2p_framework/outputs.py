@@ -33,7 +33,10 @@ from PIL import Image, ImageDraw, ImageFont
 from .errors import P2PError
 
 #: ``format`` field of every run record.
-RECORD_FORMAT = "p2p-framework/run@1"
+RECORD_FORMAT = "p2p-framework/run@2"
+#: Earlier record formats that are still read (``run@1``: ``cross_replace_steps`` named its
+#: default window ``"default_"``; version 2 writes ``"default"``).
+READ_FORMATS = ("p2p-framework/run@1", RECORD_FORMAT)
 
 
 def json_ready(value: Any) -> Any:

@@ -38,7 +38,7 @@ from .edit import Edit
 from .errors import OptionError, P2PError
 from .model import SCHEDULERS
 from .options import field_types, validate_value
-from .outputs import RECORD_FORMAT, plugin_record
+from .outputs import READ_FORMATS, RECORD_FORMAT, plugin_record
 from .pipeline import EditSettings
 from .registry import PluginRegistry, get_registry
 from .schedules import OWNER
@@ -328,7 +328,7 @@ class RunSpec:
             PluginError, OptionError: a recorded plugin or option this installation lacks.
         """
         registry = registry if registry is not None else get_registry()
-        if not isinstance(record, Mapping) or record.get("format") != RECORD_FORMAT:
+        if not isinstance(record, Mapping) or record.get("format") not in READ_FORMATS:
             found = record.get("format") if isinstance(record, Mapping) else type(record)
             raise JobError(f"not a p2p-run record (format {found!r}; expected {RECORD_FORMAT!r})")
         try:

@@ -124,7 +124,7 @@ def test_edit_writes_images_grid_attention_and_record(edit_run):
 def test_run_record_has_every_parameter(edit_run, tiny_model_dir):
     _, out = edit_run
     record = json.loads((out / "run.json").read_text())
-    assert record["format"] == "p2p-framework/run@1" and record["mode"] == "edit"
+    assert record["format"] == "p2p-framework/run@2" and record["mode"] == "edit"
     assert record["prompts"] == [
         "a painting of a squirrel eating a burger",
         "a painting of a lion eating a burger",

@@ -168,6 +168,7 @@ def test_run_spec_round_trips_through_run_json(registry, shape):
 
 def test_old_run_json_with_default_key_is_read(registry):
     record = json.loads(OLD_RECORD.read_text())
+    assert record["format"] == "p2p-framework/run@1"
     assert record["settings"]["cross_replace_steps"]["default_"] == 1.0
     spec = RunSpec.from_json(record, registry)
     assert spec.settings.cross_replace_steps == CrossReplace(1.0, {"lion": (0.1, 0.4)})
@@ -210,7 +211,7 @@ def test_not_a_record(registry):
     with pytest.raises(JobError, match="not a p2p-run record"):
         RunSpec.from_json({"format": "x"}, registry)
     with pytest.raises(JobError, match="incomplete"):
-        RunSpec.from_json({"format": "p2p-framework/run@1"}, registry)
+        RunSpec.from_json({"format": "p2p-framework/run@2"}, registry)
 
 
 # ------------------------------------------------------------------------ the vocabulary
