@@ -390,7 +390,7 @@ def test_set_reaches_a_registered_plugins_options(invoke, registry, tiny_model_d
 def test_example_plugin_is_found_through_its_entry_point(invoke):
     result = invoke("plugins", "--kind", "edit", obj=PluginRegistry())
     assert result.exit_code == 0, result.output
-    assert "suppress-word (edit) from p2p-example-plugin 0.1.0" in result.stdout
+    assert "suppress-word (edit) from p2p-example-plugin 0.2.0" in result.stdout
     assert "--set suppress-word.factor: float, default 0.0" in result.stdout
 
 
