@@ -22,7 +22,7 @@ from p2p_framework.testing import plugin_registered
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Modules for tests and development that the runtime must never import.
-DEV_MODULES = ("p2p_framework.testing", "tools", "p2p_framework.demo.train")
+DEV_MODULES = ("p2p_framework.testing", "tools")
 DEV_MODULE_NAMES = ("tiny_models", "random_models", "edit_quality", "scoring", "train")
 
 #: Source folders of the installed runtime: the core, the built-in plugins, inversion.
@@ -88,7 +88,8 @@ def test_runtime_path_does_not_import_testing_or_dev_tools(tmp_path: Path) -> No
     loaded = [
         name
         for name in modules
-        if name.startswith(DEV_MODULES)
+        if name in DEV_MODULES
+        or name.startswith(tuple(f"{m}." for m in DEV_MODULES))
         or (name.startswith("p2p_framework.") and name.rsplit(".", 1)[1] in DEV_MODULE_NAMES)
     ]
     assert loaded == []
