@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from p2p_framework import Edit, PluginRegistry, StableDiffusionModel, hookimpl
+from p2p_framework import Edit, EditRun, PluginRegistry, StableDiffusionModel, hookimpl
 from p2p_framework.errors import PluginError
 from p2p_framework.testing import plugin_registered
 
@@ -29,13 +29,16 @@ DEV_MODULE_NAMES = ("tiny_models", "random_models", "edit_quality", "scoring", "
 RUNTIME_DIRS = ("p2p_framework", "plugins", "inversion")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Unchanged(Edit):
     """An edit that changes nothing (the base class's hooks)."""
 
     name = "unchanged-for-test"
 
     word: str = "cat"
+
+    def bind(self, run):
+        return EditRun()
 
 
 class UnchangedPlugin:
@@ -178,11 +181,14 @@ def test_a_plugin_package_uses_the_fixtures_from_its_conftest(pytester: pytest.P
         test_mine="""
         from dataclasses import dataclass
 
-        from p2p_framework import Edit, EditSettings, hookimpl, run_edit
+        from p2p_framework import Edit, EditRun, EditSettings, hookimpl, run_edit
 
-        @dataclass
+        @dataclass(frozen=True)
         class Unchanged(Edit):
             name = "unchanged-for-test"
+
+            def bind(self, run):
+                return EditRun()
 
         class Plugin:
             @hookimpl

@@ -23,17 +23,17 @@ def edits(registry, register_plugin):
 
 def test_factor_one_changes_nothing(tiny_model, registry, edits):
     replaced = run_edit(tiny_model, PROMPTS, [registry.build("edit", "replace")], settings=SETTINGS)
-    kept = run_edit(tiny_model, PROMPTS, edits(words="burger", factor=1.0), settings=SETTINGS)
+    kept = run_edit(tiny_model, PROMPTS, edits(words=["burger"], factor=1.0), settings=SETTINGS)
     assert torch.equal(kept.latents, replaced.latents)
 
 
 def test_suppressing_a_word_changes_the_target_only(tiny_model, registry, edits):
     replaced = run_edit(tiny_model, PROMPTS, [registry.build("edit", "replace")], settings=SETTINGS)
-    suppressed = run_edit(tiny_model, PROMPTS, edits(words="burger"), settings=SETTINGS)
+    suppressed = run_edit(tiny_model, PROMPTS, edits(words=["burger"]), settings=SETTINGS)
     assert torch.equal(suppressed.latents[0], replaced.latents[0])  # the source row
     assert (suppressed.latents[1] - replaced.latents[1]).abs().max() > 1e-4
 
 
 def test_a_word_of_no_target_is_refused(tiny_model, edits):
     with pytest.raises(OptionError, match="words"):
-        run_edit(tiny_model, PROMPTS, edits(words="tiger"), settings=SETTINGS)
+        run_edit(tiny_model, PROMPTS, edits(words=["tiger"]), settings=SETTINGS)
