@@ -1,7 +1,7 @@
 """Cost of a Prompt-to-Prompt edit against diffusers' plain generation of the same prompts.
 
-Builds a Stable-Diffusion-shaped model with random weights whose UNet dominates the run time
-(SD 1.5's block layout at the ``--preset``'s width, from :mod:`p2p_framework.random_models`),
+Builds a Stable-Diffusion-shaped model with random weights whose UNet dominates the run time (SD
+1.5's block layout at the ``--preset``'s width, from :mod:`p2p_framework.testing.random_models`),
 then times, each in a fresh process so that peak memory (max RSS) is its own:
 
 - ``diffusers``: ``StableDiffusionPipeline`` generating the 2 prompts (UNet batch 4);
@@ -36,9 +36,9 @@ TARGET = "a painting of a lion eating a burger"
 
 
 def _presets() -> dict:
-    from p2p_framework.random_models import ARCHITECTURES, narrow
+    from p2p_framework.testing import ARCHITECTURES, narrow
 
-    # name: (architecture of p2p_framework.random_models, latent size)
+    # name: (architecture of p2p_framework.testing.random_models, latent size)
     return {
         "quick": (ARCHITECTURES["sd15-small"], 16),
         "cpu": (narrow(ARCHITECTURES["sd15"], 96), 32),
@@ -50,9 +50,9 @@ PRESETS = ("quick", "cpu", "sd15")
 
 
 def build_model(folder: Path, preset: str) -> None:
-    """A pipeline folder of random weights (p2p_framework.random_models): SD 1.5's block
+    """A pipeline folder of random weights (p2p_framework.testing.random_models): SD 1.5's block
     layout at the preset's width (``sd15``: SD 1.5 itself)."""
-    from p2p_framework.random_models import build_random_model, diffusers_pipeline
+    from p2p_framework.testing import build_random_model, diffusers_pipeline
 
     arch, sample_size = _presets()[preset]
     model = build_random_model(arch, device="cpu", dtype="float32", sample_size=sample_size)

@@ -1,6 +1,6 @@
 """Benchmark of edit quality on the demo model, judged by the domain scorer.
 
-On held-out scenes of the demo domain (fixed seeds; see :mod:`p2p_framework.demo.edit_quality`
+On held-out scenes of the demo domain (fixed seeds; see :mod:`tools.demo_model.edit_quality`
 for every definition) it runs each edit kind with Prompt-to-Prompt and with the naive baseline
 (the target prompt alone, same seed) and reports, on the sources the model generated right:
 
@@ -46,9 +46,13 @@ import torch
 from PIL import Image
 
 from p2p_framework import EditSettings, load_model
-from p2p_framework.demo import DEMO_MODEL_DIR, scoring
-from p2p_framework.demo import edit_quality as eq
+from p2p_framework.demo import DEMO_MODEL_DIR
 from p2p_framework.outputs import grid_image
+
+# The demo model's evaluation code is a developer tool of the repository, not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.demo_model import edit_quality as eq  # noqa: E402
+from tools.demo_model import scoring  # noqa: E402
 
 #: Local-blend variants run on the two-object scenes: the plugin's (paper's) defaults, and a
 #: mask that suits this model's flat attention maps (chosen on pilot scenes 0-5, which are not
@@ -349,7 +353,7 @@ and shape words (colour only when both objects share the shape); "1/2, 0.85" is 
 model's word maps are too flat for the default 0.3. Photos: renders of held-out scenes,
 captioned, inverted for guidance 7.5 (plain DDIM also at 1), the reconstruction being the edit's
 source row; *scene right*: the scorer finds the caption's background and colours in it; IoU is
-against the object in the render. Definitions in code: `p2p_framework/demo/edit_quality.py`.
+against the object in the render. Definitions in code: `tools/demo_model/edit_quality.py`.
 """
 
 

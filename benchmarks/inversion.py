@@ -11,10 +11,10 @@ with the source prompt alone, decodes the result and compares it with the input:
   the inversion's own error (the VAE round trip vs the input is the bound for ``PSNR in``);
 - ``lat err``: ``|z_rec - z_0| / |z_0|`` in latent space.
 
-By default it builds the tiny random model of :mod:`p2p_framework.tiny_models` and scales its
-UNet's output layer by ``--unet-output-scale`` (0.05): the random UNet is far from smooth in
-its input and DDIM's ODE is unstable on it, which no inversion can fix; a real model needs no
-scaling (``--model PATH`` uses 1). Absolute PSNRs of a random VAE mean nothing; compare rows.
+By default it builds the tiny random model of :mod:`p2p_framework.testing.tiny_models` and scales
+its UNet's output layer by ``--unet-output-scale`` (0.05): the random UNet is far from smooth in its
+input and DDIM's ODE is unstable on it, which no inversion can fix; a real model needs no scaling
+(``--model PATH`` uses 1). Absolute PSNRs of a random VAE mean nothing; compare rows.
 
 Usage::
 
@@ -127,7 +127,7 @@ def synthetic_photo(size: int) -> Image.Image:
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     torch.set_num_threads(args.threads)
     if args.random_sd:
-        from p2p_framework.random_models import build_random_model
+        from p2p_framework.testing import build_random_model
 
         model = build_random_model("sd15", device=args.device, dtype=args.dtype)
         scale = 1.0
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         model = load_model(args.model, device=args.device, dtype=args.dtype)
         scale = args.unet_output_scale if args.unet_output_scale is not None else 1.0
     else:
-        from p2p_framework.tiny_models import save_tiny_pipeline
+        from p2p_framework.testing import save_tiny_pipeline
 
         folder = save_tiny_pipeline(Path(tempfile.mkdtemp(prefix="p2p-bench-")) / "tiny")
         model = load_model(folder, device=args.device, dtype=args.dtype)
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     if args.random_sd:
         name = "random SD 1.x-sized model (timings only)"
     else:
-        name = str(args.model or "tiny random model (p2p_framework.tiny_models)")
+        name = str(args.model or "tiny random model (p2p_framework.testing.tiny_models)")
     meta = {
         "model": name,
         "unet_output_scale": scale,

@@ -10,9 +10,9 @@ reference, per photo and averaged.
 Models:
 
 - ``--model demo`` (default): the shipped demo model on renders of held-out scenes that it
-  never generated (:func:`p2p_framework.demo.edit_quality.sample_photo_cases`, as
+  never generated (:func:`tools.demo_model.edit_quality.sample_photo_cases`, as
   ``benchmarks/edit_quality.py`` picks them), 64 px, each with its caption as prompt.
-- ``--model tiny``: tiny random models (:func:`p2p_framework.tiny_models.save_tiny_pipeline`
+- ``--model tiny``: tiny random models (:func:`p2p_framework.testing.tiny_models.save_tiny_pipeline`
   with seeds ``--start`` ..) with the UNet's output layer scaled by 0.05 (see
   ``benchmarks/inversion.py``), on the synthetic photo of ``benchmarks/inversion.py``. Their
   VAEs are random: compare rows, not absolute PSNRs.
@@ -70,8 +70,11 @@ def cases(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     found = []
     if args.model == "demo":
         from p2p_framework.demo import DEMO_MODEL_DIR
-        from p2p_framework.demo import edit_quality as eq
         from p2p_framework.demo.shapes import render
+
+        # The demo model's evaluation code is a developer tool of the repository.
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tools.demo_model import edit_quality as eq
 
         for case in eq.sample_photo_cases(args.photos, start=args.start):
             image, _ = render(case.scene, size=64)
@@ -88,7 +91,7 @@ def cases(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     elif args.model == "tiny":
         import importlib.util
 
-        from p2p_framework.tiny_models import save_tiny_pipeline
+        from p2p_framework.testing import save_tiny_pipeline
 
         spec = importlib.util.spec_from_file_location(
             "inversion_benchmark", Path(__file__).resolve().parent / "inversion.py"

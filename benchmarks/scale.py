@@ -1,8 +1,8 @@
 """Speed and memory at Stable Diffusion size: our edits and inversions against diffusers.
 
 Builds SD 1.5 and SD 2.1 (``--arch``) with random weights from their published configs
-(:mod:`p2p_framework.random_models`) and times, side by side in one run, 2 prompts (source and
-target) at guidance 7.5, i.e. UNet batch 4, with the same DDIM scheduler, steps and size:
+(:mod:`p2p_framework.testing.random_models`) and times, side by side in one run, 2 prompts (source
+and target) at guidance 7.5, i.e. UNet batch 4, with the same DDIM scheduler, steps and size:
 
 - ``plain``: diffusers' ``StableDiffusionPipeline`` generating the 2 prompts;
 - ``edit``: ``run_edit`` with replace + local blend (what a word swap usually runs);
@@ -65,7 +65,7 @@ from p2p_framework.inversion import invert
 from p2p_framework.model import StableDiffusionModel, pick_device, pick_dtype
 from p2p_framework.plugins.local_blend import LocalBlend
 from p2p_framework.plugins.replace import Replace
-from p2p_framework.random_models import architecture, build_random_model, diffusers_pipeline
+from p2p_framework.testing import architecture, build_random_model, diffusers_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = "a painting of a squirrel eating a burger"
@@ -106,7 +106,7 @@ class MaterialiseAll(Edit):
             for cross in (True, False):
                 run.attention_store.track(downscale=downscale, cross=cross)
             downscale *= 2
-        return EditRun()  # the tracking is the whole cost measured; no hook changes anything
+        return EditRun()
 
 
 @dataclass(frozen=True)

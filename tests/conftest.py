@@ -1,4 +1,8 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures.
+
+``tiny_model_dir``, ``tiny_model``, ``registry`` and ``register_plugin`` come from
+:mod:`p2p_framework.testing.fixtures`, the fixtures that plugin packages use too.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2p_framework import PluginRegistry, StableDiffusionModel, load_model
-from p2p_framework.tiny_models import save_tiny_pipeline
+from p2p_framework import StableDiffusionModel, load_model
+from p2p_framework.testing import save_tiny_pipeline
+
+# pytester: tests/test_testing.py runs a test session the way a plugin package would.
+pytest_plugins = ["p2p_framework.testing.fixtures", "pytester"]
 
 #: Factor on the tiny UNet's output layer in :func:`load_smooth_model`.
 SMOOTH_OUTPUT_SCALE = 0.05
@@ -22,23 +29,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder of a tiny random epsilon-prediction (SD 1.x-shaped) ``StableDiffusionPipeline``."""
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-epsilon"))
-
-
-@pytest.fixture(scope="session")
 def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny random v-prediction (SD 2.x-style) ``StableDiffusionPipeline``."""
     return save_tiny_pipeline(
         tmp_path_factory.mktemp("tiny-sd-vpred"), prediction_type="v_prediction"
     )
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir: Path) -> StableDiffusionModel:
-    """The tiny epsilon model, loaded once through ``load_model`` on the CPU in float32."""
-    return load_model(tiny_model_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +55,3 @@ def load_smooth_model() -> Callable[..., StableDiffusionModel]:
         return model
 
     return load
-
-
-@pytest.fixture
-def registry() -> PluginRegistry:
-    """A registry of the built-in plugins only (no entry points), private to one test."""
-    return PluginRegistry(entry_points=False)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from p2p_framework.demo import scoring
 from p2p_framework.demo.shapes import (
     COLORS,
     MARGIN,
@@ -27,6 +26,7 @@ from p2p_framework.demo.shapes import (
     sample_scene_batch,
     tone_rgb,
 )
+from tools.demo_model import scoring
 
 
 def _scenes(seed: int, n: int) -> list[Scene]:
@@ -209,7 +209,7 @@ def test_texture_classification_is_exact_on_renders():
 def test_edit_measures_on_renders():
     from dataclasses import replace
 
-    from p2p_framework.demo import edit_quality as eq
+    from tools.demo_model import edit_quality as eq
 
     case = eq.sample_cases(1)[0]
     scene = case.scene
@@ -253,7 +253,7 @@ def test_edit_measures_on_renders():
 
 
 def test_dilate_and_erode():
-    from p2p_framework.demo import edit_quality as eq
+    from tools.demo_model import edit_quality as eq
 
     dot = np.zeros((7, 7), bool)
     dot[3, 3] = True
@@ -279,8 +279,8 @@ def test_connected_components_separate_objects_of_one_colour():
 
 
 def test_caption_token_ids_match_the_tokenizer(tmp_path):
-    from p2p_framework.demo.train import SceneStream
-    from p2p_framework.tiny_models import build_clip_tokenizer
+    from p2p_framework.testing import build_clip_tokenizer
+    from tools.demo_model.train import SceneStream
 
     tokenizer = build_clip_tokenizer(VOCABULARY, tmp_path / "tok")
     stream = SceneStream(0, tokenizer, torch.device("cpu"))
@@ -301,7 +301,7 @@ def test_caption_token_ids_match_the_tokenizer(tmp_path):
 
 def test_word_regions_name_each_objects_words_and_the_background_words():
     from p2p_framework.demo.shapes import COLOR_NAMES, TEXTURES
-    from p2p_framework.demo.train import REGION_BACKGROUND, word_regions
+    from tools.demo_model.train import REGION_BACKGROUND, word_regions
 
     batch = sample_scene_batch(np.random.default_rng(3), 300)
     regions = word_regions(batch, 77)
@@ -327,7 +327,7 @@ def test_word_regions_name_each_objects_words_and_the_background_words():
 
 
 def test_grounding_loss_is_zero_for_maps_inside_their_regions_and_grows_when_flat():
-    from p2p_framework.demo.train import grounding_loss
+    from tools.demo_model.train import grounding_loss
 
     regions = torch.zeros(1, 3, 64, 64)
     regions[0, 0, :32, :32] = 1  # object 0: the top-left quarter
@@ -353,7 +353,7 @@ def test_cross_attention_probe_computes_what_the_default_processor_does():
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from p2p_framework.demo.train import UNET_CONFIG, CrossAttentionProbe
+    from tools.demo_model.train import UNET_CONFIG, CrossAttentionProbe
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNET_CONFIG).eval()
@@ -382,7 +382,7 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from p2p_framework.demo.train import main
+    from tools.demo_model.train import main
 
     out = tmp_path / "model"
     work = tmp_path / "work"
@@ -419,8 +419,8 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
 def test_word_attention_compares_each_words_map_with_its_region():
     from p2p_framework import load_model
     from p2p_framework.demo import DEMO_MODEL_DIR
-    from p2p_framework.demo.edit_quality import EVAL_SEED, word_attention
-    from p2p_framework.demo.train import REGION_BACKGROUND, word_regions
+    from tools.demo_model.edit_quality import EVAL_SEED, word_attention
+    from tools.demo_model.train import REGION_BACKGROUND, word_regions
 
     model = load_model(DEMO_MODEL_DIR, device="cpu", dtype="float32")
     before = {name: type(p) for name, p in model.unet.attn_processors.items()}

@@ -13,7 +13,7 @@ import pytest
 
 from p2p_framework import EditSettings, load_model
 from p2p_framework.demo import DEMO_MODEL_DIR
-from p2p_framework.demo import edit_quality as eq
+from tools.demo_model import edit_quality as eq
 
 pytestmark = pytest.mark.slow
 

@@ -36,7 +36,7 @@ from p2p_framework.plugins.inversion_sources import (
     NullTextSource,
 )
 from p2p_framework.plugins.replace import Replace
-from p2p_framework.tiny_models import save_tiny_pipeline
+from p2p_framework.testing import save_tiny_pipeline
 
 STEPS = 10
 PROMPT = "a photo of a cat"

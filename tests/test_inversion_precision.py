@@ -278,8 +278,8 @@ def test_float16_default_reconstructs_demo_scenes_like_float32(tmp_path: Path) -
     reference on two demo-model renders, at the paper's settings (about 3 minutes on one CPU
     thread). Measured on six: -0.012 to +0.063 dB (docs/benchmarks.md)."""
     from p2p_framework.demo import DEMO_MODEL_DIR
-    from p2p_framework.demo import edit_quality as eq
     from p2p_framework.demo.shapes import render
+    from tools.demo_model import edit_quality as eq
 
     model = load_model(DEMO_MODEL_DIR, device="cpu", dtype=torch.float16)
     for case in eq.sample_photo_cases(2):

@@ -1,4 +1,4 @@
-"""Random-weight Stable Diffusion architectures (p2p_framework.random_models) and the
+"""Random-weight Stable Diffusion architectures (p2p_framework.testing.random_models) and the
 at-scale benchmark built on them (benchmarks/scale.py)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2p_framework.random_models import (
+from p2p_framework.testing import (
     ARCHITECTURES,
     CLIP_VOCAB_SIZE,
     architecture,

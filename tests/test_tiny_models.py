@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from p2p_framework.tiny_models import (
+from p2p_framework.testing import (
     BOS_TOKEN,
     DEFAULT_WORDS,
     END_OF_WORD,

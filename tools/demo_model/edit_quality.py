@@ -23,7 +23,7 @@ Per edit and method (:class:`Measure`):
   background colour right and an object of every captioned colour found (``refine`` also needs
   the source's texture to differ from the one to add). Edit metrics are meant for valid
   sources only.
-* ``success``: the target attribute is present, judged by :mod:`~p2p_framework.demo.scoring`:
+* ``success``: the target attribute is present, judged by :mod:`~tools.demo_model.scoring`:
   an object of the target colour (``colour``, ``blend``), the target shape for the object of
   the source colour (``shape``), the target background colour (``background``), the target
   texture (``refine``); for ``reweight-down`` the pixels of the object's colour at most
@@ -48,11 +48,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..edit import Edit
-from ..model import StableDiffusionModel
-from ..pipeline import EditSettings, run_edit
+from p2p_framework.demo.shapes import (
+    COLOR_NAMES,
+    SHAPES,
+    TEXTURES,
+    Scene,
+    caption,
+    sample_scene_batch,
+)
+from p2p_framework.edit import Edit
+from p2p_framework.model import StableDiffusionModel
+from p2p_framework.pipeline import EditSettings, run_edit
+
 from . import scoring
-from .shapes import COLOR_NAMES, SHAPES, TEXTURES, Scene, caption, sample_scene_batch
 
 __all__ = [
     "ATTENTION_TIMESTEPS",
@@ -415,16 +423,16 @@ def sample_two_object_cases(n: int, start: int = 0) -> list[TwoObjectEdit]:
 
 
 def _seed(seed: int):
-    from ..plugins.seed import Seed
+    from p2p_framework.plugins.seed import Seed
 
     return Seed(seed=seed)
 
 
 def _edit(name: str, **options: Any) -> Edit:
-    from ..plugins.local_blend import LocalBlend
-    from ..plugins.refine import Refine
-    from ..plugins.replace import Replace
-    from ..plugins.reweight import Reweight
+    from p2p_framework.plugins.local_blend import LocalBlend
+    from p2p_framework.plugins.refine import Refine
+    from p2p_framework.plugins.replace import Replace
+    from p2p_framework.plugins.reweight import Reweight
 
     classes = {
         "replace": Replace,
@@ -616,8 +624,8 @@ def vae_round_trip(model: StableDiffusionModel, image: Image.Image) -> Image.Ima
     """``decode(encode(image))``: the best any inversion can reconstruct."""
     import torch
 
-    from ..inversion import image_to_tensor
-    from ..pipeline import to_pil
+    from p2p_framework.inversion import image_to_tensor
+    from p2p_framework.pipeline import to_pil
 
     with torch.no_grad():
         return to_pil(model.decode(model.encode_image(image_to_tensor(image))))[0]
@@ -638,8 +646,8 @@ def run_photo(
     """
     from pathlib import Path
 
-    from ..registry import PluginRegistry
-    from .shapes import render
+    from p2p_framework.demo.shapes import render
+    from p2p_framework.registry import PluginRegistry
 
     settings = settings or EditSettings()
     image, _ = render(case.scene, size=settings.height or model.default_size)
@@ -732,14 +740,15 @@ def word_attention(
 
     ``n`` held-out scenes are rendered, encoded and noised to each of ``timesteps``; the UNet
     sees their captions, and each named word's attention (see
-    :func:`p2p_framework.demo.train.word_regions`) is compared with the ground-truth region,
+    :func:`tools.demo_model.train.word_regions`) is compared with the ground-truth region,
     area-averaged to each layer grid. Prompt-to-Prompt injects these maps, and local blend
     thresholds them, so flat maps (share = area) leave both with little to work with.
     """
     import torch
     from diffusers import DDPMScheduler
 
-    from .shapes import render_batch
+    from p2p_framework.demo.shapes import render_batch
+
     from .train import (
         REGION_BACKGROUND,
         CrossAttentionProbe,

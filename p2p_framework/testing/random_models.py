@@ -18,13 +18,13 @@ SDXL (two text encoders, added time conditioning) waits for an SDXL adapter next
 
 ::
 
-    from p2p_framework.random_models import build_random_model, diffusers_pipeline
+    from p2p_framework.testing import build_random_model, diffusers_pipeline
 
     model = build_random_model("sd15", device="cuda")   # a StableDiffusionModel
     pipe = diffusers_pipeline(model)                    # diffusers' pipeline, same modules
 
-The tokenizer is :func:`p2p_framework.tiny_models.build_clip_tokenizer` (offline, a small
-vocabulary in which :data:`~p2p_framework.tiny_models.DEFAULT_WORDS` are single tokens); its
+The tokenizer is :func:`p2p_framework.testing.tiny_models.build_clip_tokenizer` (offline, a small
+vocabulary in which :data:`~p2p_framework.testing.tiny_models.DEFAULT_WORDS` are single tokens); its
 ids stay below the text encoders' published vocabulary size (49408). Images made with these
 models are noise: use them for time and memory only.
 """
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .model import SD_DDIM_CONFIG, StableDiffusionModel, pick_device, pick_dtype
+from ..model import SD_DDIM_CONFIG, StableDiffusionModel, pick_device, pick_dtype
 from .tiny_models import DEFAULT_WORDS, build_clip_tokenizer
 
 __all__ = [

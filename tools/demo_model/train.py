@@ -1,6 +1,6 @@
 """Train the embedded demo model: a small Stable Diffusion 1.x-shaped model on coloured shapes.
 
-``python -m p2p_framework.demo.train --out DIR`` trains, from fixed seeds and on scenes rendered
+``python -m tools.demo_model.train --out DIR`` trains, from fixed seeds and on scenes rendered
 on the fly by :mod:`p2p_framework.demo.shapes` (no dataset on disk),
 
 1. an :class:`~diffusers.AutoencoderKL` (stage ``vae``), then
@@ -74,7 +74,7 @@ minutes of UNet training give several thousand steps.
 ``--max-minutes`` counts from the start of :func:`main` (after the imports) to the saved and
 evaluated pipeline: the VAE stage gets ``--vae-fraction`` of it, the UNet the rest, less
 ``--reserve-seconds`` for the final checkpoint, export and evaluation (``--eval-samples``
-captions generated with 50 DDIM steps and scored with :mod:`p2p_framework.demo.scoring`, written
+captions generated with 50 DDIM steps and scored with :mod:`tools.demo_model.scoring`, written
 to ``OUT/eval.json`` and ``OUT/samples.png``).
 
 ``--smoke`` runs a tiny end-to-end check (a few steps of each stage, export, load, sample; the
@@ -100,8 +100,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import SD_DDIM_CONFIG
-from .shapes import TEXTURES, VOCABULARY, SceneBatch, render_batch, sample_scene_batch, to_device
+from p2p_framework.demo.shapes import (
+    TEXTURES,
+    VOCABULARY,
+    SceneBatch,
+    render_batch,
+    sample_scene_batch,
+    to_device,
+)
+from p2p_framework.model import SD_DDIM_CONFIG
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -489,7 +496,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, device: torch.device, bf16: bool):
         from diffusers import DDPMScheduler
 
-        from ..tiny_models import build_clip_tokenizer
+        from p2p_framework.testing import build_clip_tokenizer
 
         self.args = args
         self.device = device
@@ -964,7 +971,7 @@ def evaluate(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m p2p_framework.demo.train",
+        prog="python -m tools.demo_model.train",
         description="Train the demo Stable-Diffusion-shaped model on procedural shape scenes "
         "and save it as a diffusers StableDiffusionPipeline folder.",
     )

@@ -32,7 +32,7 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .model import SD_DDIM_CONFIG
+from ..model import SD_DDIM_CONFIG
 
 __all__ = [
     "BOS_TOKEN",

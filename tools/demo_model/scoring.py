@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .shapes import (
+from p2p_framework.demo.shapes import (
     COLOR_NAMES,
     COLORS,
     SHAPES,
