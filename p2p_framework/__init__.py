@@ -23,7 +23,14 @@ from .options import OptionInfo, Plugin
 from .outputs import attention_image, grid_image
 from .pipeline import EditJob, EditResult, EditSettings, run_edit, run_edits
 from .registry import PluginInfo, PluginRegistry, get_registry
-from .source import Source, SourceRequest, SourceStart
+from .source import (
+    Source,
+    SourceLatentGuide,
+    SourceRequest,
+    SourceStart,
+    StepGuide,
+    UncondEmbeddingGuide,
+)
 from .store import AttentionLayer, AttentionStore
 
 __version__ = "0.1.0"
@@ -49,8 +56,11 @@ __all__ = [
     "RunContext",
     "Source",
     "SourceRequest",
+    "SourceLatentGuide",
     "SourceStart",
     "StableDiffusionModel",
+    "StepGuide",
+    "UncondEmbeddingGuide",
     "attention_image",
     "get_registry",
     "grid_image",

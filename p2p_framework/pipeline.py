@@ -24,7 +24,7 @@ from .edit import Edit, RunContext
 from .errors import OptionError, P2PError, PromptError
 from .model import StableDiffusionModel
 from .schedules import Bounds, CrossReplaceSteps, cross_replace_table, self_replace_window
-from .source import Source, SourceRequest, SourceStart
+from .source import Source, SourceRequest, SourceStart, StepGuide
 from .store import AttentionStore
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
@@ -310,9 +310,10 @@ def iter_edits(
 
     Jobs share a batch when their :func:`batch_key` is equal, in their given order, up to
     ``max_batch_rows`` UNet rows (:func:`unet_rows`). Within a batch every job keeps its own
-    scheduler, attention controller (edits, schedules, store), starting latent, per-step
-    unconditional embeddings and source latents, and its edits' ``after_step`` sees only its
-    own rows; its result equals what :func:`run_edit` gives for it alone, up to float rounding
+    scheduler, attention controller (edits, schedules, store), starting latent and source
+    :class:`~p2p_framework.source.StepGuide` (per-step unconditional embedding, latent
+    corrections), and its guide's and edits' ``after_step`` see only its own rows; its
+    result equals what :func:`run_edit` gives for it alone, up to float rounding
     of the larger UNet batch.
 
     Args:
@@ -468,6 +469,15 @@ def _run_batch(
         )
 
 
+def _uncond_embedding(
+    guide: StepGuide | None, step: int, empty: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The ``(1, tokens, dim)`` unconditional embedding a job's source asks for at ``step``,
+    else ``empty`` (the embedding of ``""``)."""
+    embedding = guide.uncond_embedding(step) if guide is not None else None
+    return empty if embedding is None else embedding
+
+
 @torch.no_grad()
 def _denoise(
     model: StableDiffusionModel,
@@ -481,7 +491,10 @@ def _denoise(
 
     The UNet batch is ``[uncond rows of job 0, of job 1, ..., cond rows of job 0, ...]`` (one
     pass), or the two halves as two calls with ``separate_uncond_pass``, or the cond rows alone
-    without guidance. Each job steps its own scheduler on its own rows.
+    without guidance. Each job steps its own scheduler on its own rows. A job's source guide
+    (``SourceStart.guide``, a :class:`~p2p_framework.source.StepGuide`) gives the ``(1, tokens,
+    dim)`` unconditional embedding of its rows at each step (None: ``""``) and corrects its
+    ``(prompts, C, h, w)`` latents after ``scheduler.step``, before the edits' ``after_step``.
 
     Returns:
         Per job, its ``(prompts, channels, height, width)`` final latents.
@@ -512,12 +525,8 @@ def _denoise(
                 [job.scheduler.scale_model_input(x, t) for job, x in zip(jobs, latents)]
             )
             if guided:
-                nulls = [
-                    empty
-                    if job.start.uncond_embeddings is None
-                    else job.start.uncond_embeddings[step]
-                    for job in jobs
-                ]
+                # Each job's source may give its own unconditional embedding per step.
+                nulls = [_uncond_embedding(job.start.guide, step, empty) for job in jobs]
                 uncond = torch.cat(
                     [
                         null.to(device=device, dtype=dtype).expand(len(job.prompts), -1, -1)
@@ -547,8 +556,8 @@ def _denoise(
                 x = job.scheduler.step(
                     noise, t, latents[index], **step_kwargs[index], return_dict=False
                 )[0]
-                if job.start.source_latents is not None:
-                    x[:1] = job.start.source_latents[step].to(x)
+                if job.start.guide is not None:
+                    x = job.start.guide.after_step(x, step)
                 if index not in group.errors:
                     try:
                         for edit in job.edits:
