@@ -61,13 +61,22 @@ class FixedPointSource(InvertingSource):
         # Inversion runs the timesteps upwards (the loop denoises them downwards).
         for i, t in enumerate(ctx.scheduler.timesteps.flip(0)):
             estimate = math.next_step(noise(z, t), t, z)  # DDIM's one-step approximation
-            residual = None
+            # Denoising from an estimate x lands at z + c * (x - f(x)) (c = sqrt(a_prev / a_t)):
+            # its residual is the step's reconstruction error. Iterate while the residual
+            # shrinks; once it grows the map does not contract there (as near the data at high
+            # guidance, where plain iteration diverges): go back to the previous estimate.
+            previous, previous_residual, residual, done = estimate, float("inf"), None, 0
             for _ in range(self.iterations):
                 update = math.next_step(noise(estimate, t), t, z)
                 residual = ((update - estimate).norm() / estimate.norm()).item()
+                done += 1
+                if residual >= previous_residual:
+                    estimate, residual = previous, previous_residual
+                    break
+                previous, previous_residual = estimate, residual
                 estimate = update
             z = estimate
-            steps.append({"residual": residual})
+            steps.append({"residual": residual, "iterations": done})
             ctx.report(i + 1, {"phase": "fixed-point", "residual": residual})
         return InversionOutput(latent=z, steps=steps)
 
