@@ -15,7 +15,7 @@ Plugin authors subclass :class:`Edit` or :class:`Source` and register them with
 """
 
 from .attention import AttentionController, ControlledAttnProcessor
-from .edit import Edit, RunContext
+from .edit import Edit, EditRun, PromptToPromptEdit, RunContext, SelfReplaceRun, Step
 from .errors import ModelLoadError, OptionError, P2PError, PluginError, PromptError
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
@@ -42,6 +42,7 @@ __all__ = [
     "ControlledAttnProcessor",
     "Edit",
     "EditJob",
+    "EditRun",
     "EditResult",
     "EditSettings",
     "ModelLoadError",
@@ -53,12 +54,15 @@ __all__ = [
     "PluginInfo",
     "PluginRegistry",
     "PromptError",
+    "PromptToPromptEdit",
     "RunContext",
+    "SelfReplaceRun",
     "Source",
     "SourceRequest",
     "SourceLatentGuide",
     "SourceStart",
     "StableDiffusionModel",
+    "Step",
     "StepGuide",
     "UncondEmbeddingGuide",
     "attention_image",

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .edit import Edit
+from .edit import EditRun, RunContext, Step
 from .store import AttentionLayer, AttentionStore, level_grid
 
 
@@ -46,14 +46,34 @@ def grid_for(queries: int, latent_size: tuple[int, int]) -> tuple[tuple[int, int
     raise ValueError(f"{queries} queries match no grid of the {height}x{width} latent")
 
 
+def block_indices(names: Sequence[str]) -> dict[str, int]:
+    """Each attention module's transformer-block index in forward order (down, mid, up).
+
+    ``unet.attn_processors`` lists the mid block after the up blocks (module registration
+    order), so places are sorted first; a block's modules (``attn1``, ``attn2``) share one
+    index.
+    """
+    order = {"down": 0, "mid": 1, "up": 2}
+    ranked = sorted(
+        enumerate(names), key=lambda item: (order.get(layer_place(item[1]), 3), item[0])
+    )
+    blocks: dict[str, int] = {}
+    result = {}
+    for _, name in ranked:
+        block = name.rsplit(".", 1)[0]
+        result[name] = blocks.setdefault(block, len(blocks))
+    return result
+
+
 class ControlledAttnProcessor:
     """Attention processor that lets an :class:`AttentionController` see and change the
     attention probabilities ``(batch, heads, queries, tokens)`` of one layer."""
 
-    def __init__(self, controller: AttentionController, name: str) -> None:
+    def __init__(self, controller: AttentionController, name: str, index: int = 0) -> None:
         self.controller = controller
         self.name = name
         self.place = layer_place(name)
+        self.index = index
 
     def layer(self, queries: int, is_cross: bool) -> AttentionLayer:
         """This layer's description for a call with ``queries`` queries.
@@ -63,7 +83,7 @@ class ControlledAttnProcessor:
         compiled call would force a second compilation.
         """
         grid, downscale = grid_for(queries, self.controller.latent_size)
-        return AttentionLayer(self.name, self.place, is_cross, grid, downscale)
+        return AttentionLayer(self.name, self.place, is_cross, grid, downscale, self.index)
 
     def __call__(
         self,
@@ -114,6 +134,8 @@ class ControlledAttnProcessor:
             key = attn.norm_k(key)
 
         layer = self.layer(query.shape[2], is_cross)
+        if self.controller.wants_inputs(layer):
+            query, key, value = self.controller.attention_inputs(query, key, value, layer)
         if self.controller.wants(layer):
             probs = attention_probabilities(query, key, attn.scale, attention_mask)
             probs = self.controller.attend(probs, layer)
@@ -175,9 +197,11 @@ class ProcessorInstaller:
         if self._unet is not None:
             raise RuntimeError(f"this {type(self).__name__} is already installed")
         self._original = dict(unet.attn_processors)
+        names = [key.rsplit(".processor", 1)[0] for key in self._original]
+        blocks = block_indices(names)
         processors = {
-            key: ControlledAttnProcessor(self, key.rsplit(".processor", 1)[0])  # type: ignore[arg-type]
-            for key in self._original
+            key: ControlledAttnProcessor(self, name, blocks[name])  # type: ignore[arg-type]
+            for key, name in zip(self._original, names)
         }
         unet.set_attn_processor(processors)
         self._unet = unet
@@ -200,7 +224,7 @@ class ProcessorInstaller:
 
 
 class AttentionController(ProcessorInstaller):
-    """Applies edits to the attention of a UNet's conditional rows.
+    """Applies one job's edit runs to the attention of a UNet's conditional rows.
 
     Two modes give the same result:
 
@@ -208,53 +232,45 @@ class AttentionController(ProcessorInstaller):
       probabilities are needed; untouched layers take the fused attention kernel.
     - static (``static=True``, used with a compiled UNet): which layers materialise their
       probabilities is fixed for the whole run, and the per-step schedules are tensors
-      indexed by a step tensor on the device, so ``torch.compile`` traces one graph for
-      every step (no graph breaks, no recompilation per step, CUDA-graph friendly). Outside
-      the injection window the blend weights are 0 and the targets keep their own maps.
+      indexed by a step tensor on the device (hooks get that tensor as ``step``), so
+      ``torch.compile`` traces one graph for every step (no graph breaks, no recompilation
+      per step, CUDA-graph friendly). Outside the injection window the blend weights are 0
+      and the targets keep their own maps.
 
     Args:
-        edits: the edits of the run, in pipeline order.
+        runs: the job's edit runs (from :meth:`~p2p_framework.Edit.bind`), in pipeline order.
         store: where attention maps are accumulated (only resolutions it tracks).
         cross_table: ``(steps + 1, targets, tokens)`` 0/1 injection schedule, or None.
-        self_window: ``(start, end)`` steps in which targets take the source's self-attention.
-        self_replace_min_downscale: self-attention is replaced only in layers whose grid is
-            the latent grid divided by at least this (4: the 16x16 layers of SD 1.x at 512 px).
         latent_size: ``(height, width)`` of the latent.
         num_steps: diffusion steps of the run (static mode sizes its tables with it); default
-            from ``cross_table`` or ``self_window``.
+            from ``cross_table``.
         static: the mode, see above.
     """
 
     def __init__(
         self,
-        edits: Sequence[Edit] = (),
+        runs: Sequence[EditRun] = (),
         *,
         store: AttentionStore | None = None,
         cross_table: torch.Tensor | None = None,
-        self_window: tuple[int, int] = (0, 0),
-        self_replace_min_downscale: int = 4,
         latent_size: tuple[int, int] = (64, 64),
         num_steps: int | None = None,
         static: bool = False,
     ) -> None:
-        self.injecting = [edit for edit in edits if edit.injects_cross_attention]
+        self.runs = list(runs)
+        self.injecting = [run for run in self.runs if run.injects_cross_attention]
         self.store = store if store is not None else AttentionStore()
         self.cross_table = cross_table if self.injecting else None
-        self.self_window = self_window if self.injecting else (0, 0)
-        self.self_replace_min_downscale = self_replace_min_downscale
         self.latent_size = latent_size
         self.static = static
         if num_steps is None:
-            num_steps = (
-                self.cross_table.shape[0] - 1 if self.cross_table is not None else self_window[1]
-            )
+            num_steps = self.cross_table.shape[0] - 1 if self.cross_table is not None else 0
         self.num_steps = num_steps
         self._cross_active = (
             [bool(row.any()) for row in self.cross_table] if self.cross_table is not None else []
         )
-        # (steps + 1, targets, 1, 1, tokens) blend weights and (steps,) self-replace flags.
+        # (steps + 1, targets, 1, 1, tokens) blend weights.
         self._cross_alpha: torch.Tensor | None = None
-        self._self_on: torch.Tensor | None = None
         self._step_index: torch.Tensor | None = None
         self.step = 0
         self.cond_rows: slice | None = None
@@ -266,25 +282,18 @@ class AttentionController(ProcessorInstaller):
         if self.cross_table is not None:
             table = self.cross_table.to(device=device, dtype=dtype)
             self._cross_alpha = table[:, :, None, None, :]
-        start, end = self.self_window
-        steps = torch.arange(max(self.num_steps, 1), device=device)
-        self._self_on = (steps >= start) & (steps < end)
         # Shape (1,), used with index_select: indexing with a 0-d tensor would make
         # torch.compile read its value and compile one graph per step.
         self._step_index = torch.zeros(1, dtype=torch.int64, device=device)
         return self
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor a controlled UNet call reads or updates: the schedules, the step
-        index and the store's sums (a compiled UNet marks them as static inputs)."""
-        tables = [self._cross_alpha, self._self_on, self._step_index]
-        edit_tensors = [
-            value
-            for edit in self.injecting
-            for value in vars(edit).values()
-            if isinstance(value, torch.Tensor)
-        ]
-        return [t for t in tables if t is not None] + edit_tensors + self.store.tensors()
+        """Every tensor a controlled UNet call reads or updates: the schedule, the step
+        index, the edit runs' tensors and the store's sums (a compiled UNet marks them as
+        static inputs)."""
+        tables = [self._cross_alpha, self._step_index]
+        run_tensors = [tensor for run in self.runs for tensor in run.tensors()]
+        return [t for t in tables if t is not None] + run_tensors + self.store.tensors()
 
     def begin_call(self, step: int, cond_rows: slice | None) -> None:
         """Say which step the next UNet call belongs to and which of its rows are conditional.
@@ -300,23 +309,57 @@ class AttentionController(ProcessorInstaller):
             assert self._step_index is not None
             self._step_index.fill_(step)  # on the device: no host sync, no new graph
 
-    def _at_step(self, table: torch.Tensor) -> torch.Tensor:
-        """``table[step]``, read on the device in static mode."""
+    @property
+    def _hook_step(self) -> Step:
+        """The step as hooks get it: an int, or the ``(1,)`` device tensor in static mode."""
         if self.static:
             assert self._step_index is not None
-            return torch.index_select(table, 0, self._step_index)[0]
-        return table[self.step]
+            return self._step_index
+        return self.step
+
+    @property
+    def _asked_step(self) -> int | None:
+        """The step as ``uses_*`` predicates get it: None in static mode (any step)."""
+        return None if self.static else self.step
 
     def _cross_injecting(self) -> bool:
         if self.static:
             return self.cross_table is not None
         return bool(self._cross_active) and self._cross_active[self.step]
 
-    def _self_injecting(self, layer: AttentionLayer) -> bool:
-        start, end = self.self_window
-        if layer.downscale < self.self_replace_min_downscale:
+    def _self_editors(self, layer: AttentionLayer) -> list[EditRun]:
+        step = self._asked_step
+        return [run for run in self.runs if run.uses_self_attention(layer, step)]
+
+    def wants_inputs(self, layer: AttentionLayer) -> bool:
+        """Whether an edit changes this layer's queries, keys or values in the current call."""
+        if self.cond_rows is None:
             return False
-        return start < end if self.static else start <= self.step < end
+        step = self._asked_step
+        return any(run.uses_attention_inputs(layer, step) for run in self.runs)
+
+    def attention_inputs(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: AttentionLayer
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Let the edits change the conditional rows' queries, keys and values.
+
+        Args:
+            query: ``(batch, heads, queries, head_dim)`` for the whole UNet batch.
+            key, value: ``(batch, heads, tokens, head_dim)``.
+
+        Returns:
+            the three tensors for the whole batch, only the job's conditional rows changed.
+        """
+        assert self.cond_rows is not None
+        rows = self.cond_rows
+        q, k, v = query[rows], key[rows], value[rows]
+        step, asked = self._hook_step, self._asked_step
+        for run in self.runs:
+            if run.uses_attention_inputs(layer, asked):
+                q, k, v = run.attention_inputs(q, k, v, layer, step)
+        query, key, value = query.clone(), key.clone(), value.clone()
+        query[rows], key[rows], value[rows] = q, k, v
+        return query, key, value
 
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether this layer's probabilities are read or changed in the current call."""
@@ -324,7 +367,9 @@ class AttentionController(ProcessorInstaller):
             return False
         if self.store.wants(layer):
             return True
-        return self._cross_injecting() if layer.is_cross else self._self_injecting(layer)
+        if layer.is_cross:
+            return self._cross_injecting()
+        return bool(self._self_editors(layer))
 
     def attend(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
         """Edit and record one layer call's probabilities.
@@ -338,22 +383,22 @@ class AttentionController(ProcessorInstaller):
         assert self.cond_rows is not None
         cond = probs[self.cond_rows]
         source, targets = cond[:1], cond[1:]
+        step = self._hook_step
         new_targets = None
         if targets.shape[0]:
             if layer.is_cross and self._cross_injecting():
                 assert self._cross_alpha is not None
                 injected = source.expand_as(targets)
-                for edit in self.injecting:
-                    injected = edit.cross_attention(injected, targets, layer)
-                alpha = self._at_step(self._cross_alpha)
+                for run in self.injecting:
+                    injected = run.cross_attention(injected, targets, layer, step)
+                alpha = RunContext.at_step(self._cross_alpha, step)
                 # alpha * injected + (1 - alpha) * targets in one kernel; lerp is exact at
                 # both ends (0: the target's own maps, 1: the injected ones).
                 new_targets = torch.lerp(targets, injected, alpha.to(targets.dtype))
-            elif not layer.is_cross and self._self_injecting(layer):
-                new_targets = source.expand_as(targets)
-                if self.static:
-                    assert self._self_on is not None
-                    new_targets = torch.where(self._at_step(self._self_on), new_targets, targets)
+            elif not layer.is_cross:
+                for run in self._self_editors(layer):
+                    current = targets if new_targets is None else new_targets
+                    new_targets = run.self_attention(source, current, layer, step)
         if new_targets is not None:
             if probs.requires_grad:
                 probs = probs.clone()

@@ -2,10 +2,10 @@
 
 :class:`ControllerGroup` stands where one :class:`~p2p_framework.attention.AttentionController`
 stands for :class:`~p2p_framework.attention.ControlledAttnProcessor` (which only calls
-``wants``, ``attend`` and reads ``latent_size``). It holds one controller per job, each with
-the rows its job occupies in the UNet batch, so every job keeps its own edits, schedules and
-attention store, and each controller sees the batch exactly as it would alone, only with its
-rows further down.
+``wants``, ``attend``, ``wants_inputs``, ``attention_inputs`` and reads ``latent_size``). It
+holds one controller per job, each with the rows its job occupies in the UNet batch, so every
+job keeps its own edits, schedules and attention store, and each controller sees the batch
+exactly as it would alone, only with its rows further down.
 
 :func:`plan_batches` decides which jobs share a batch. The denoising loop that uses both is
 :func:`p2p_framework.pipeline.iter_edits`.
@@ -84,6 +84,25 @@ class ControllerGroup(ProcessorInstaller):
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether any job reads or changes this layer's probabilities in the current call."""
         return any(c.wants(layer) for i, c in self._active())
+
+    def wants_inputs(self, layer: AttentionLayer) -> bool:
+        """Whether any job changes this layer's queries, keys or values in the current call."""
+        return any(c.wants_inputs(layer) for i, c in self._active())
+
+    def attention_inputs(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: AttentionLayer
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply, job after job, the controllers that change this layer's inputs; each
+        changes only its own rows (shapes as in
+        :meth:`~p2p_framework.attention.AttentionController.attention_inputs`)."""
+        for index, controller in self._active():
+            if not controller.wants_inputs(layer):
+                continue
+            try:
+                query, key, value = controller.attention_inputs(query, key, value, layer)
+            except P2PError as error:
+                self.errors[index] = error
+        return query, key, value
 
     def attend(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
         """Apply, job after job, the controllers that want this layer; each edits and records

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .attention import AttentionController
 from .batch import ControllerGroup, plan_batches
-from .edit import Edit, RunContext
+from .edit import Edit, EditRun, RunContext
 from .errors import OptionError, P2PError, PromptError
 from .model import StableDiffusionModel
 from .schedules import Bounds, CrossReplaceSteps, cross_replace_table, self_replace_window
@@ -91,7 +91,9 @@ class EditResult:
         latents: ``(prompts, channels, height, width)`` final latents.
         attention_store: the maps that were tracked.
         settings: the settings used (sizes filled in).
-        edits, source: the plugin objects used.
+        edits, source: the plugin objects used (their options).
+        edit_runs: each edit's per-run state (:meth:`~p2p_framework.Edit.bind`), in the
+            order of ``edits``; e.g. local blend's last ``mask``.
         source_info: what the source reported (seed, inversion statistics...).
         timings: seconds spent in ``source``, ``denoise`` and ``decode``; ``denoise`` is the
             wall time of the whole UNet batch the job ran in.
@@ -106,6 +108,7 @@ class EditResult:
     settings: EditSettings
     edits: list[Edit]
     source: Source
+    edit_runs: list[EditRun] = field(default_factory=list)
     source_info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     batch: list[int] = field(default_factory=lambda: [0])
@@ -140,8 +143,8 @@ class EditJob:
 
     Attributes:
         prompts: source prompt first, then targets (one image each).
-        edits: edit plugin objects, applied in order. Plugins keep per-run state, so every job
-            needs its own objects (sharing one between jobs is an error).
+        edits: edit plugin objects, applied in order. They hold only options (each run binds
+            its own state), so jobs may share them.
         source: where the starting latent comes from; None means ``Seed()`` (seed 8888).
         settings: run settings; None means :class:`EditSettings`.
     """
@@ -159,6 +162,7 @@ class _PreparedJob:
     index: int
     prompts: list[str]
     edits: list[Edit]
+    runs: list[EditRun]
     source: Source
     settings: EditSettings
     scheduler: Any
@@ -225,23 +229,29 @@ def _prepare_job(
     store = AttentionStore()
     if settings.attention_maps:
         store.track(downscale=settings.attention_downscale, cross=True)
-    run = RunContext(prompts, model.tokenizer, steps, latent_size, store, device)
-    for edit in edits:
-        edit.setup(run)
+    run = RunContext(
+        prompts,
+        model.tokenizer,
+        steps,
+        latent_size,
+        store,
+        device,
+        self_replace_window=self_replace_window(settings.self_replace_steps, steps),
+        self_replace_min_downscale=settings.self_replace_min_downscale,
+        compiled=model.compiled,
+    )
+    runs = [edit.bind(run) for edit in edits]
 
-    injecting = len(prompts) > 1 and any(edit.injects_cross_attention for edit in edits)
+    injecting = len(prompts) > 1 and any(r.injects_cross_attention for r in runs)
     cross_table = (
         cross_replace_table(settings.cross_replace_steps, prompts, steps, model.tokenizer)
         if injecting
         else None
     )
-    self_window = self_replace_window(settings.self_replace_steps, steps)
     controller = AttentionController(
-        edits,
+        runs,
         store=store,
         cross_table=cross_table,
-        self_window=self_window,
-        self_replace_min_downscale=settings.self_replace_min_downscale,
         latent_size=latent_size,
         num_steps=steps,
         static=model.compiled,
@@ -273,27 +283,28 @@ def _prepare_job(
     )
     timings = {"source": time.perf_counter() - began}
     return _PreparedJob(
-        index, prompts, edits, source, settings, scheduler, store, run, controller, start, timings
+        index,
+        prompts,
+        edits,
+        runs,
+        source,
+        settings,
+        scheduler,
+        store,
+        run,
+        controller,
+        start,
+        timings,
     )
 
 
 def _check_jobs(jobs: Sequence[EditJob]) -> list[EditJob]:
     jobs = list(jobs)
-    owners: dict[int, int] = {}
     for index, job in enumerate(jobs):
         if not isinstance(job, EditJob):
             raise OptionError(
                 "pipeline", "jobs", f"job {index} is a {type(job).__name__}, not an EditJob"
             )
-        for edit in job.edits:
-            first = owners.setdefault(id(edit), index)
-            if first != index:
-                raise OptionError(
-                    "pipeline",
-                    "jobs",
-                    f"jobs {first} and {index} share one {type(edit).__name__} object; "
-                    "edits keep per-run state, so give each job its own",
-                )
     return jobs
 
 
@@ -462,6 +473,7 @@ def _run_batch(
                 job.settings,
                 job.edits,
                 job.source,
+                job.runs,
                 dict(job.start.info),
                 timings,
                 batch,
@@ -560,8 +572,8 @@ def _denoise(
                     x = job.start.guide.after_step(x, step)
                 if index not in group.errors:
                     try:
-                        for edit in job.edits:
-                            x = edit.after_step(x, step, job.run)
+                        for edit_run in job.runs:
+                            x = edit_run.after_step(x, step)
                     except P2PError as error:
                         group.errors[index] = error
                 latents[index] = x

@@ -35,6 +35,9 @@ class AttentionLayer:
         grid: ``(height, width)`` of this layer's query grid, in latent cells at this layer.
         downscale: latent grid size divided by this layer's grid size (1, 2, 4, 8 for SD 1.x:
             at 512 px the grids are 64, 32, 16 and 8).
+        index: 0-based position of this layer's transformer block in the UNet's forward
+            order (down, mid, up); a block's self- and cross-attention share it (SD 1.x has
+            16 blocks: 0-5 down, 6 mid, 7-15 up).
     """
 
     name: str
@@ -42,6 +45,7 @@ class AttentionLayer:
     is_cross: bool
     grid: tuple[int, int]
     downscale: int
+    index: int = 0
 
     @property
     def queries(self) -> int:

@@ -10,69 +10,52 @@ thresholded. ``substruct_words`` remove their own (unpooled) mask from it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
 
-from p2p_framework import Edit, OptionError, RunContext, hookimpl
+from p2p_framework import Edit, EditRun, OptionError, RunContext, hookimpl
 
-Words = str | Sequence[str]
-
-
-def _fraction(plugin: str, option: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise OptionError(plugin, option, f"must be a number in [0, 1], got {value!r}")
-    return float(value)
+#: One word, or several words, per prompt (source first).
+Words = Annotated[list[str | list[str]], Field(min_length=1)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-@dataclass
+def _power_of_two(value: int) -> int:
+    if value < 1 or value & (value - 1):
+        raise ValueError("must be a power of two")
+    return value
+
+
+@dataclass(frozen=True)
 class LocalBlend(Edit):
     """Keep everything outside the blend words' attention identical to the source."""
 
     name = "local-blend"
 
-    words: list[Words] = field(
+    words: Words = field(
         metadata={"help": "one word (or list of words) per prompt, source first; e.g. cat dog"},
     )
-    threshold: float = field(default=0.3, metadata={"help": "mask threshold, relative to max"})
-    start_blend: float = field(
+    threshold: Fraction = field(default=0.3, metadata={"help": "mask threshold, relative to max"})
+    start_blend: Fraction = field(
         default=0.2, metadata={"help": "fraction of the steps before blending starts"}
     )
-    substruct_words: list[Words] | None = field(
+    substruct_words: Words | None = field(
         default=None, metadata={"help": "words per prompt whose mask is removed from the blend"}
     )
-    substruct_threshold: float = field(
+    substruct_threshold: Fraction = field(
         default=0.3, metadata={"help": "threshold of the substruct mask"}
     )
-    mask_downscale: int = field(
+    mask_downscale: Annotated[int, AfterValidator(_power_of_two)] = field(
         default=4, metadata={"help": "attention maps at latent size / this (4: 16x16 at 512 px)"}
     )
 
-    def __post_init__(self) -> None:
-        if isinstance(self.words, str):
-            self.words = self.words.split()
-        if not self.words:
-            raise OptionError(self.name, "words", "give one word per prompt, e.g. 'cat dog'")
-        if isinstance(self.substruct_words, str):
-            self.substruct_words = self.substruct_words.split()
-        self.threshold = _fraction(self.name, "threshold", self.threshold)
-        self.start_blend = _fraction(self.name, "start_blend", self.start_blend)
-        self.substruct_threshold = _fraction(
-            self.name, "substruct_threshold", self.substruct_threshold
-        )
-        value = self.mask_downscale
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < 1
-            or value & (value - 1)
-        ):
-            raise OptionError(self.name, "mask_downscale", f"must be a power of two, got {value!r}")
-        self.mask: torch.Tensor | None = None
-
-    def _token_weights(self, run: RunContext, words: list[Words], option: str) -> torch.Tensor:
+    def _token_weights(
+        self, run: RunContext, words: list[str | list[str]], option: str
+    ) -> torch.Tensor:
         if len(words) != len(run.prompts):
             raise OptionError(
                 self.name,
@@ -87,16 +70,38 @@ class LocalBlend(Edit):
         # (prompts, 1, 1, tokens) to broadcast over the map's height and width.
         return weights[:, None, None, :].to(run.device)
 
-    def setup(self, run: RunContext) -> None:
-        self._weights = self._token_weights(run, list(self.words), "words")
-        self._substruct = (
-            self._token_weights(run, list(self.substruct_words), "substruct_words")
+    def bind(self, run: RunContext) -> LocalBlendRun:
+        weights = self._token_weights(run, self.words, "words")
+        substruct = (
+            self._token_weights(run, self.substruct_words, "substruct_words")
             if self.substruct_words
             else None
         )
-        self._start = int(self.start_blend * run.num_steps)
         run.attention_store.track(downscale=self.mask_downscale, cross=True)
-        self.mask = None
+        return LocalBlendRun(self, run, weights, substruct)
+
+
+class LocalBlendRun(EditRun):
+    """``local-blend`` for one run.
+
+    Attributes:
+        mask: ``(prompts, 1, height, width)`` bool mask of the last blended step (row 0 is the
+            source's own), or None before blending starts.
+    """
+
+    def __init__(
+        self,
+        options: LocalBlend,
+        run: RunContext,
+        weights: torch.Tensor,
+        substruct: torch.Tensor | None,
+    ) -> None:
+        self.options = options
+        self.run = run
+        self.weights = weights
+        self.substruct = substruct
+        self.start = int(options.start_blend * run.num_steps)
+        self.mask: torch.Tensor | None = None
 
     def _word_mask(
         self,
@@ -114,23 +119,24 @@ class LocalBlend(Edit):
         mask = (word_maps / peak) > threshold
         return mask[:1] | mask  # each target's mask united with the source's
 
-    def after_step(self, latents: torch.Tensor, step: int, run: RunContext) -> torch.Tensor:
-        if step < self._start or latents.shape[0] < 2:
+    def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        options, run = self.options, self.run
+        if step < self.start or latents.shape[0] < 2:
             return latents
         try:
-            maps = run.attention_store.average(downscale=self.mask_downscale, cross=True)
+            maps = run.attention_store.average(downscale=options.mask_downscale, cross=True)
         except KeyError:
             raise OptionError(
-                self.name,
+                options.name,
                 "mask_downscale",
-                f"this model has no cross-attention layer at 1/{self.mask_downscale} of the "
+                f"this model has no cross-attention layer at 1/{options.mask_downscale} of the "
                 f"{run.latent_size[0]}x{run.latent_size[1]} latent grid",
             ) from None
         size = (latents.shape[2], latents.shape[3])
-        mask = self._word_mask(maps, self._weights, self.threshold, True, size)
-        if self._substruct is not None:
+        mask = self._word_mask(maps, self.weights, options.threshold, True, size)
+        if self.substruct is not None:
             mask = mask & ~self._word_mask(
-                maps, self._substruct, self.substruct_threshold, False, size
+                maps, self.substruct, options.substruct_threshold, False, size
             )
         self.mask = mask
         mask = mask.to(latents.dtype)

@@ -11,17 +11,26 @@ from dataclasses import dataclass
 
 import torch
 
-from p2p_framework import AttentionLayer, Edit, OptionError, PromptError, RunContext, hookimpl
+from p2p_framework import (
+    AttentionLayer,
+    OptionError,
+    PromptError,
+    PromptToPromptEdit,
+    RunContext,
+    SelfReplaceRun,
+    Step,
+    hookimpl,
+)
 from p2p_framework.prompts import refinement_mapper
 
 
-@dataclass
-class Refine(Edit):
+@dataclass(frozen=True)
+class Refine(PromptToPromptEdit):
     """Add words: aligned tokens take the source's attention, new tokens keep their own."""
 
     name = "refine"
 
-    def setup(self, run: RunContext) -> None:
+    def bind(self, run: RunContext) -> RefineRun:
         mappers, alphas = [], []
         for target in run.prompts[1:]:
             try:
@@ -30,17 +39,32 @@ class Refine(Edit):
                 raise OptionError(self.name, "prompts", str(error)) from None
             mappers.append(mapper)
             alphas.append(alpha)
-        if mappers:
-            self._mapper = torch.stack(mappers).to(run.device)  # (targets, tokens)
-            # (targets, 1, 1, tokens) to broadcast over heads and queries.
-            self._alphas = torch.stack(alphas)[:, None, None, :].to(run.device)
+        return RefineRun(run, self.self_replace, mappers, alphas)
+
+
+class RefineRun(SelfReplaceRun):
+    """``refine`` for one run: per target, the aligned source token of each token and whether
+    it has one."""
+
+    def __init__(
+        self,
+        run: RunContext,
+        self_replace: bool,
+        mappers: list[torch.Tensor],
+        alphas: list[torch.Tensor],
+    ) -> None:
+        super().__init__(run, self_replace)
+        self.mapper = torch.stack(mappers).to(run.device) if mappers else None  # (targets, tokens)
+        # (targets, 1, 1, tokens) to broadcast over heads and queries.
+        self.alphas = torch.stack(alphas)[:, None, None, :].to(run.device) if alphas else None
 
     def cross_attention(
-        self, injected: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer
+        self, injected: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer, step: Step
     ) -> torch.Tensor:
-        index = self._mapper[:, None, None, :].expand_as(injected)
+        assert self.mapper is not None and self.alphas is not None
+        index = self.mapper[:, None, None, :].expand_as(injected)
         gathered = torch.gather(injected, -1, index)
-        alphas = self._alphas.to(injected.dtype)
+        alphas = self.alphas.to(injected.dtype)
         return gathered * alphas + targets * (1 - alphas)
 
 

@@ -11,17 +11,26 @@ from dataclasses import dataclass
 
 import torch
 
-from p2p_framework import AttentionLayer, Edit, OptionError, PromptError, RunContext, hookimpl
+from p2p_framework import (
+    AttentionLayer,
+    OptionError,
+    PromptError,
+    PromptToPromptEdit,
+    RunContext,
+    SelfReplaceRun,
+    Step,
+    hookimpl,
+)
 from p2p_framework.prompts import replacement_mapper
 
 
-@dataclass
-class Replace(Edit):
+@dataclass(frozen=True)
+class Replace(PromptToPromptEdit):
     """Swap words: targets reuse the source's attention, mapped token to token."""
 
     name = "replace"
 
-    def setup(self, run: RunContext) -> None:
+    def bind(self, run: RunContext) -> ReplaceRun:
         source, targets = run.prompts[0], run.prompts[1:]
         mappers = []
         for target in targets:
@@ -29,13 +38,22 @@ class Replace(Edit):
                 mappers.append(replacement_mapper(run.tokenizer, source, target))
             except PromptError as error:
                 raise OptionError(self.name, "prompts", str(error)) from None
+        return ReplaceRun(run, self.self_replace, mappers)
+
+
+class ReplaceRun(SelfReplaceRun):
+    """``replace`` for one run: one ``(tokens, tokens)`` mapper per target."""
+
+    def __init__(self, run: RunContext, self_replace: bool, mappers: list[torch.Tensor]) -> None:
+        super().__init__(run, self_replace)
         # (targets, 1, tokens, tokens): one mapper per target, shared by heads.
-        self._mapper = torch.stack(mappers)[:, None].to(run.device) if mappers else None
+        self.mapper = torch.stack(mappers)[:, None].to(run.device) if mappers else None
 
     def cross_attention(
-        self, injected: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer
+        self, injected: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer, step: Step
     ) -> torch.Tensor:
-        return torch.matmul(injected, self._mapper.to(injected.dtype))
+        assert self.mapper is not None
+        return torch.matmul(injected, self.mapper.to(injected.dtype))
 
 
 @hookimpl

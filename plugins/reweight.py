@@ -8,61 +8,66 @@ attention.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from p2p_framework import AttentionLayer, Edit, OptionError, RunContext, hookimpl
+from p2p_framework import (
+    AttentionLayer,
+    OptionError,
+    PromptToPromptEdit,
+    RunContext,
+    SelfReplaceRun,
+    Step,
+    hookimpl,
+)
 
-Weight = float | Sequence[float]
+Factor = Annotated[float, Field(allow_inf_nan=False)]
 
 
-@dataclass
-class Reweight(Edit):
+@dataclass(frozen=True)
+class Reweight(PromptToPromptEdit):
     """Scale the attention of words by factors (values may be negative or large)."""
 
     name = "reweight"
 
-    weights: dict[str, Weight] = field(
+    weights: Annotated[dict[str, Factor | list[Factor]], Field(min_length=1)] = field(
         metadata={"help": "word -> factor, or a list with one factor per target; e.g. smiling=5"},
     )
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.weights, Mapping) or not self.weights:
-            raise OptionError(self.name, "weights", "give at least one word=factor")
-        for word, value in self.weights.items():
-            values = (
-                value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-            )
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise OptionError(self.name, "weights", f"{word!r}: {v!r} is not a number")
-
-    def setup(self, run: RunContext) -> None:
+    def bind(self, run: RunContext) -> ReweightRun:
         equalizer = torch.ones(run.num_targets, run.max_tokens)
         for word, value in self.weights.items():
-            if isinstance(value, Sequence) and not isinstance(value, str):
+            if isinstance(value, list):
                 if len(value) != run.num_targets:
                     raise OptionError(
                         self.name,
                         "weights",
                         f"{word!r} has {len(value)} factors for {run.num_targets} targets",
                     )
-                factors = [float(v) for v in value]
+                factors = value
             else:
-                factors = [float(value)] * run.num_targets
+                factors = [value] * run.num_targets
             for target, factor in enumerate(factors):
                 positions = run.word_positions(target + 1, word, plugin=self.name, option="weights")
                 equalizer[target, positions] = factor
+        return ReweightRun(run, self.self_replace, equalizer)
+
+
+class ReweightRun(SelfReplaceRun):
+    """``reweight`` for one run: the ``(targets, tokens)`` equalizer."""
+
+    def __init__(self, run: RunContext, self_replace: bool, equalizer: torch.Tensor) -> None:
+        super().__init__(run, self_replace)
         # (targets, 1, 1, tokens) to broadcast over heads and queries.
-        self._equalizer = equalizer[:, None, None, :].to(run.device)
+        self.equalizer = equalizer[:, None, None, :].to(run.device)
 
     def cross_attention(
-        self, injected: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer
+        self, injected: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer, step: Step
     ) -> torch.Tensor:
-        return injected * self._equalizer.to(injected.dtype)
+        return injected * self.equalizer.to(injected.dtype)
 
 
 @hookimpl

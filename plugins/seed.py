@@ -8,26 +8,30 @@ with ``seed`` and shared by every prompt, so the source row is what diffusers'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from pydantic import AfterValidator, Field
 
-from p2p_framework import OptionError, Source, SourceRequest, SourceStart, hookimpl
+from p2p_framework import Source, SourceRequest, SourceStart, hookimpl
 
 
-@dataclass
+def _fits_64_bits(seed: int) -> int:
+    if seed >= 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"must be below 2**64 = {2**64}")
+    return seed
+
+
+@dataclass(frozen=True)
 class Seed(Source):
     """Start from Gaussian noise drawn with a seed (the paper's examples use 8888)."""
 
     name = "seed"
 
-    seed: int = field(default=8888, metadata={"help": "random seed of the initial noise"})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise OptionError(
-                self.name, "seed", f"must be a non-negative integer, got {self.seed!r}"
-            )
+    seed: Annotated[int, Field(ge=0), AfterValidator(_fits_64_bits)] = field(
+        default=8888, metadata={"help": "random seed of the initial noise"}
+    )
 
     def prepare(self, request: SourceRequest) -> SourceStart:
         model = request.model

@@ -114,15 +114,6 @@ def test_different_edits_and_schedules_in_one_batch(tiny_model, monkeypatch):
     assert (plain.latents[1] - batched[1].latents[1]).abs().max() > 1e-2
 
 
-def test_one_job_batch_is_run_edit_exactly(tiny_model):
-    def job():
-        return EditJob([SQUIRREL, LION], [Replace(), LocalBlend(words=["squirrel", "lion"])])
-
-    (batched,) = run_edits(tiny_model, [EditJob(**{**job().__dict__, "settings": settings()})])
-    alone = run_edit(tiny_model, [SQUIRREL, LION], job().edits, settings=settings())
-    assert torch.equal(batched.latents, alone.latents)
-
-
 @pytest.fixture(scope="module")
 def inversions(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """A null-text and a direct inversion of a small synthetic photo, saved once."""
@@ -164,20 +155,14 @@ def test_sources_with_per_step_embeddings_and_latents_and_local_blend(tiny_model
         ]
 
     alone = [solo(tiny_model, job) for job in jobs()]
-    batched_jobs = jobs()
-    batched = run_edits(tiny_model, batched_jobs)
+    batched = run_edits(tiny_model, jobs())
     assert [r.batch for r in batched] == [[0, 1, 2, 3]] * 4
     assert_same_results(batched, alone)
     assert alone[1].source_info["inversion"]["method"] == "null-text"
     # Each local blend computed its mask from its own job's attention only.
-    blend_null, blend_seed = batched_jobs[1].edits[1], batched_jobs[3].edits[1]
+    blend_null, blend_seed = batched[1].edit_runs[1], batched[3].edit_runs[1]
     assert blend_null.mask.shape[0] == 2 and blend_seed.mask.shape[0] == 3
-    assert torch.equal(blend_null.mask, jobs_mask(tiny_model, jobs()[1]))
-
-
-def jobs_mask(model, job: EditJob) -> torch.Tensor:
-    solo(model, job)
-    return job.edits[1].mask
+    assert torch.equal(blend_null.mask, alone[1].edit_runs[1].mask)
 
 
 def test_null_text_rows_use_their_own_embeddings(tiny_model, inversions):
@@ -281,11 +266,34 @@ def test_failing_jobs_do_not_stop_the_others(tiny_model):
         run_edits(tiny_model, [jobs[1]])
 
 
+def test_jobs_may_share_edit_objects(tiny_model):
+    """Edits hold only options (each run binds its own state), so one object may serve
+    several jobs of a batch, and the results are those of separate objects."""
+    shared = [Replace(), LocalBlend(words=["squirrel", "lion"], start_blend=0.0)]
+    together = run_edits(
+        tiny_model,
+        [
+            EditJob([SQUIRREL, LION], shared, Seed(1), settings()),
+            EditJob([SQUIRREL, LION], shared, Seed(2), settings()),
+        ],
+    )
+    apart = [
+        solo(
+            tiny_model,
+            EditJob(
+                [SQUIRREL, LION],
+                [Replace(), LocalBlend(words=["squirrel", "lion"], start_blend=0.0)],
+                Seed(seed),
+                settings(),
+            ),
+        )
+        for seed in (1, 2)
+    ]
+    assert_same_results(together, apart)
+    assert together[0].edit_runs[1] is not together[1].edit_runs[1]
+
+
 def test_bad_batches_are_clear_errors(tiny_model):
-    shared = Replace()
-    jobs = [EditJob([SQUIRREL, LION], [shared]), EditJob([SQUIRREL, LION], [shared])]
-    with pytest.raises(OptionError, match="jobs 0 and 1 share one Replace object"):
-        run_edits(tiny_model, jobs)
     with pytest.raises(OptionError, match="not an EditJob"):
         run_edits(tiny_model, [[SQUIRREL, LION]])
     with pytest.raises(OptionError, match="max_batch_rows"):

@@ -19,6 +19,8 @@ from p2p_framework import (
     AttentionStore,
     EditSettings,
     OptionError,
+    RunContext,
+    SelfReplaceRun,
     load_model,
     run_edit,
 )
@@ -64,8 +66,8 @@ def test_compiled_edit_is_one_graph_and_matches_eager(fresh_model) -> None:
     # kernel), so results agree to float32 rounding, not bit for bit.
     torch.testing.assert_close(first.latents, eager.latents, atol=1e-4, rtol=0)
     assert torch.equal(first.latents, second.latents)
-    assert first.edits[1].mask is not None
-    assert torch.equal(first.edits[1].mask, eager.edits[1].mask)
+    assert first.edit_runs[1].mask is not None
+    assert torch.equal(first.edit_runs[1].mask, eager.edit_runs[1].mask)
     # The target really was edited (not the source twice, not the plain target prompt).
     assert not torch.allclose(first.latents[0], first.latents[1], atol=1e-3)
 
@@ -154,19 +156,25 @@ def test_static_schedules_equal_eager_branches_at_every_step(is_cross: bool) -> 
     table[0:3, 0] = 1
     table[1:4, 1, 2] = 1
 
-    class Double(Replace):
-        def setup(self, run):  # noqa: ANN001, ANN201
-            pass
-
-        def cross_attention(self, injected, targets, layer):  # noqa: ANN001, ANN201
+    class Double(SelfReplaceRun):
+        def cross_attention(self, injected, targets, layer, step):  # noqa: ANN001, ANN201
             return injected * 2
 
     def controller(static: bool) -> AttentionController:
-        return AttentionController(
-            [Double()],
-            cross_table=table,
-            self_window=(2, 4),
+        run = RunContext(
+            ["a", "b", "c"],
+            None,
+            steps,
+            (4, 4),
+            AttentionStore(),
+            torch.device("cpu"),
+            self_replace_window=(2, 4),
             self_replace_min_downscale=1,
+            compiled=static,
+        )
+        return AttentionController(
+            [Double(run)],
+            cross_table=table,
             latent_size=(4, 4),
             num_steps=steps,
             static=static,

@@ -13,13 +13,14 @@ from p2p_framework import (
     AttentionController,
     AttentionStore,
     Edit,
+    EditRun,
     EditSettings,
     OptionError,
     RunContext,
     load_model,
     run_edit,
 )
-from p2p_framework.plugins.local_blend import LocalBlend
+from p2p_framework.plugins.local_blend import LocalBlend, LocalBlendRun
 from p2p_framework.plugins.replace import Replace
 from p2p_framework.plugins.reweight import Reweight
 from p2p_framework.plugins.seed import Seed
@@ -58,7 +59,8 @@ def test_source_row_equals_diffusers(tiny_model_dir, tiny_model):
     result = run_edit(
         tiny_model, [SOURCE, TARGET], [Replace()], source=Seed(8888), settings=settings()
     )
-    torch.testing.assert_close(result.latents[:1], expected, atol=1e-5, rtol=1e-4)
+    # Self-attention materialised for self-replace vs fused SDPA: float rounding only.
+    torch.testing.assert_close(result.latents[:1], expected, atol=1e-4, rtol=1e-4)
     assert result.images[0].size == (128, 128)
 
 
@@ -103,20 +105,18 @@ def test_reweight_with_ones_changes_nothing(tiny_model):
     assert not torch.equal(boosted.latents[1], base.latents[1])
 
 
-@dataclass
-class BlendWitness(Edit):
-    """Records, after local blend, whether targets equal the source outside its mask."""
+class WitnessedBlendRun(LocalBlendRun):
+    """Local blend that checks, after each blended step, that targets equal the source
+    outside its mask."""
 
-    name = "blend-witness"
-
-    blend: LocalBlend | None = None
-
-    def setup(self, run: RunContext) -> None:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.checked: list[int] = []
 
-    def after_step(self, latents, step, run):
-        mask = self.blend.mask
-        if mask is not None:
+    def after_step(self, latents, step):
+        latents = super().after_step(latents, step)
+        mask = self.mask
+        if mask is not None and step >= self.start:
             outside = ~mask.expand_as(latents)
             for target in range(1, latents.shape[0]):
                 assert torch.equal(latents[target][outside[target]], latents[0][outside[target]])
@@ -125,20 +125,25 @@ class BlendWitness(Edit):
         return latents
 
 
+@dataclass(frozen=True)
+class WitnessedBlend(LocalBlend):
+    def bind(self, run: RunContext) -> WitnessedBlendRun:
+        plain = super().bind(run)
+        return WitnessedBlendRun(self, run, plain.weights, plain.substruct)
+
+
 def test_local_blend_keeps_targets_equal_to_source_outside_the_mask(tiny_model):
-    blend = LocalBlend(words=["squirrel", "lion", "tiger"], start_blend=0.0, threshold=0.5)
-    witness = BlendWitness(blend)
+    blend = WitnessedBlend(words=["squirrel", "lion", "tiger"], start_blend=0.0, threshold=0.5)
     prompts = [SOURCE, TARGET, "a painting of a tiger eating a burger"]
-    result = run_edit(tiny_model, prompts, [Replace(), blend, witness], settings=settings())
-    assert witness.checked == list(range(STEPS))
+    result = run_edit(tiny_model, prompts, [Replace(), blend], settings=settings())
+    assert result.edit_runs[1].checked == list(range(STEPS))
     assert result.latents.shape[0] == 3
 
 
 def test_local_blend_start_step(tiny_model):
-    blend = LocalBlend(words=["squirrel", "lion"], start_blend=0.5)
-    witness = BlendWitness(blend)
-    run_edit(tiny_model, [SOURCE, TARGET], [Replace(), blend, witness], settings=settings())
-    assert witness.checked == list(range(STEPS // 2, STEPS))
+    blend = WitnessedBlend(words=["squirrel", "lion"], start_blend=0.5)
+    result = run_edit(tiny_model, [SOURCE, TARGET], [Replace(), blend], settings=settings())
+    assert result.edit_runs[1].checked == list(range(STEPS // 2, STEPS))
 
 
 def test_substruct_words_shrink_the_mask(tiny_model):
@@ -146,10 +151,18 @@ def test_substruct_words_shrink_the_mask(tiny_model):
     minus = LocalBlend(
         words=["squirrel", "lion"], start_blend=0.0, substruct_words=["burger", "burger"]
     )
-    run_edit(tiny_model, [SOURCE, TARGET], [Replace(), plain], settings=settings())
-    run_edit(tiny_model, [SOURCE, TARGET], [Replace(), minus], settings=settings())
-    assert not (minus.mask & ~plain.mask).any()
-    assert minus.mask.sum() < plain.mask.sum()
+    plain_mask = (
+        run_edit(tiny_model, [SOURCE, TARGET], [Replace(), plain], settings=settings())
+        .edit_runs[1]
+        .mask
+    )
+    minus_mask = (
+        run_edit(tiny_model, [SOURCE, TARGET], [Replace(), minus], settings=settings())
+        .edit_runs[1]
+        .mask
+    )
+    assert not (minus_mask & ~plain_mask).any()
+    assert minus_mask.sum() < plain_mask.sum()
 
 
 def test_separate_guidance_passes_give_the_same_edit(tiny_model):
@@ -231,7 +244,8 @@ def test_v_prediction_model_matches_diffusers_non_square(tiny_vpred_model_dir):
     )
     assert result.latents.shape == (2, 4, 16, 12)
     assert [image.size for image in result.images] == [(96, 128)] * 2
-    torch.testing.assert_close(result.latents[:1], expected, atol=1e-5, rtol=1e-4)
+    # Self-attention materialised for self-replace vs fused SDPA: float rounding only.
+    torch.testing.assert_close(result.latents[:1], expected, atol=1e-4, rtol=1e-4)
 
 
 # -- the controller on its own -------------------------------------------------------------
@@ -265,7 +279,8 @@ def test_controller_without_edits_equals_default_attention(tiny_model):
     with controller.installed(tiny_model.unet):
         controller.begin_call(0, slice(2, 4))
         materialised = tiny_model.predict(latents, t, context)
-    torch.testing.assert_close(materialised, expected, atol=1e-5, rtol=1e-4)
+    # softmax(QK^T)V vs the fused kernel: float32 rounding (up to ~3e-5 on torch 2.13 CPU)
+    torch.testing.assert_close(materialised, expected, atol=1e-4, rtol=1e-4)
     assert store.nbytes() > 0
 
     # removing the controller restores the very same processor objects
@@ -350,3 +365,100 @@ def test_bad_run_settings_are_clear_errors(tiny_model):
         run_edit(tiny_model, [SOURCE], [], settings=settings(height=100))
     with pytest.raises(OptionError, match=r"^pipeline: steps"):
         run_edit(tiny_model, [SOURCE], [], settings=settings(steps=0))
+
+
+# -- the edit protocol: which hooks run, with which step ----------------------------------------
+
+
+class HookSpyRun(EditRun):
+    """Records every hook call as (hook, step, is_cross); changes nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, bool]] = []
+
+    def attention_inputs(self, query, key, value, layer, step):
+        self.calls.append(("inputs", step, layer.is_cross))
+        return query, key, value
+
+    def self_attention(self, source, targets, layer, step):
+        self.calls.append(("self", step, layer.is_cross))
+        return targets
+
+    def cross_attention(self, injected, targets, layer, step):
+        self.calls.append(("cross", step, layer.is_cross))
+        return targets  # inject the targets' own maps: no change
+
+    def after_step(self, latents, step):
+        self.calls.append(("after", step, False))
+        return latents
+
+
+@dataclass(frozen=True)
+class HookSpy(Edit):
+    name = "hook-spy"
+
+    def bind(self, run: RunContext) -> HookSpyRun:
+        return HookSpyRun()
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_every_hook_gets_the_step_and_changes_nothing_by_default(tiny_model, separate):
+    plain = run_edit(tiny_model, [SOURCE, TARGET], [], settings=settings())
+    spied = run_edit(
+        tiny_model,
+        [SOURCE, TARGET],
+        [HookSpy()],
+        settings=settings(cross_replace_steps=(0.25, 0.75), separate_uncond_pass=separate),
+    )
+    calls = spied.edit_runs[0].calls
+    # every layer materialised (softmax) instead of the fused kernel: rounding only
+    torch.testing.assert_close(spied.latents, plain.latents, atol=1e-4, rtol=1e-4)
+    steps = {hook: sorted({s for h, s, _ in calls if h == hook}) for hook in ("inputs", "self")}
+    assert steps["inputs"] == steps["self"] == list(range(STEPS))
+    assert {c for h, _, c in calls if h == "self"} == {False}
+    # cross only inside the schedule's rows int(a*(T+1)) <= t < int(b*(T+1))
+    rows = STEPS + 1
+    window = list(range(int(0.25 * rows), int(0.75 * rows)))
+    assert sorted({s for h, s, _ in calls if h == "cross"}) == window
+    assert {c for h, _, c in calls if h == "cross"} == {True}
+    assert [s for h, s, _ in calls if h == "after"] == list(range(STEPS))
+    # once per layer call of a step (never for an unconditional-only pass)
+    layers = len(tiny_model.unet.attn_processors)
+    assert sum(1 for h, s, _ in calls if h == "inputs" and s == 0) == layers
+
+
+class InjectSourceRun(EditRun):
+    def cross_attention(self, injected, targets, layer, step):
+        return injected
+
+
+@dataclass(frozen=True)
+class InjectSource(Edit):
+    name = "inject-source"
+
+    def bind(self, run: RunContext) -> InjectSourceRun:
+        return InjectSourceRun()
+
+
+def test_self_attention_injection_belongs_to_the_prompt_to_prompt_edits(tiny_model):
+    """Overriding cross_attention no longer switches self-attention injection on; the P2P
+    edits do it through their shared self_replace option."""
+    prompts = [SOURCE, TARGET]
+    with_self = settings(self_replace_steps=0.6)
+    without_self = settings(self_replace_steps=0.0)
+
+    def latents(edits, run_settings):
+        return run_edit(tiny_model, prompts, edits, settings=run_settings).latents
+
+    assert torch.equal(
+        latents([InjectSource()], with_self), latents([InjectSource()], without_self)
+    )
+    assert torch.equal(
+        latents([Replace(self_replace=False)], with_self), latents([Replace()], without_self)
+    )
+    assert not torch.equal(latents([Replace()], with_self), latents([Replace()], without_self))
+    # A P2P edit turns it on for a run even beside a non-P2P cross edit.
+    assert not torch.equal(
+        latents([InjectSource(), Reweight({"lion": 1.0})], with_self),
+        latents([InjectSource(), Reweight({"lion": 1.0}, self_replace=False)], with_self),
+    )

@@ -12,6 +12,7 @@ import torch
 
 from p2p_framework import (
     Edit,
+    EditRun,
     EditSettings,
     OptionError,
     PluginError,
@@ -73,15 +74,21 @@ class SuppressWord(Edit):
 
     word: str = field(default="burger", metadata={"help": "word to suppress"})
 
-    def setup(self, run):
-        self._positions = [
+    def bind(self, run):
+        positions = [
             run.word_positions(i, self.word, plugin=self.name, option="word")
             for i in range(1, len(run.prompts))
         ]
+        return SuppressWordRun(positions)
 
-    def cross_attention(self, injected, targets, layer):
+
+class SuppressWordRun(EditRun):
+    def __init__(self, positions):
+        self.positions = positions
+
+    def cross_attention(self, injected, targets, layer, step):
         injected = injected.clone()
-        for target, positions in enumerate(self._positions):
+        for target, positions in enumerate(self.positions):
             injected[target, ..., positions] = 0
         return injected
 

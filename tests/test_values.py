@@ -129,7 +129,7 @@ def test_job_vocabulary(registry):
     )
     assert [e.name for e in spec.edits] == ["replace", "reweight", "local-blend"]
     assert spec.edits[2].options["threshold"] == 0.5
-    assert spec.edits[1].options == {"weights": {"dog": 2.0}}
+    assert spec.edits[1].options == {"weights": {"dog": 2.0}, "self_replace": True}
     assert spec.source.options == {"seed": 3}
     assert spec.settings["steps"] == 10 and spec.settings["separate_uncond_pass"] is True
     assert spec.settings["cross_replace_steps"] == 0.8  # the default, recorded
@@ -142,5 +142,5 @@ def test_job_vocabulary_errors(registry):
         job_from_options({"targets": ["a"]}, registry)
     with pytest.raises(JobError, match="edits, blend and reweight need"):
         job_from_options({"mode": "generate", "prompts": ["a"], "edits": ["replace"]}, registry)
-    with pytest.raises(OptionError, match="seed: seed: must be a non-negative integer"):
+    with pytest.raises(OptionError, match="seed: seed: input should be greater than or equal to 0"):
         job_from_options({"prompt": "a", "seed": -1}, registry)
