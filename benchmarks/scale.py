@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from p2p_framework import Edit, EditSettings, RunContext, run_edit
+from p2p_framework import Edit, EditRun, EditSettings, RunContext, run_edit
 from p2p_framework.inversion import invert
 from p2p_framework.model import StableDiffusionModel, pick_device, pick_dtype
 from p2p_framework.plugins.local_blend import LocalBlend
@@ -94,18 +94,19 @@ def _load_inversion_benchmark() -> Any:
     return module
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaterialiseAll(Edit):
     """Track every attention resolution, cross and self: every layer materialises its maps."""
 
     name = "materialise-all"
 
-    def setup(self, run: RunContext) -> None:
+    def bind(self, run: RunContext) -> EditRun:
         downscale = 1
         while downscale <= max(run.latent_size):
             for cross in (True, False):
                 run.attention_store.track(downscale=downscale, cross=cross)
             downscale *= 2
+        return EditRun()  # the tracking is the whole cost measured; no hook changes anything
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,11 @@ class InvertingSource(Source):
     :meth:`invert_latents`.
     """
 
+    # --image, --inversion and --no-cache set these options; a job with --inversion and no
+    # --source uses the source the file was made with (its method), looked up in the registry.
+    shortcuts = {"image": "image", "inversion": "inversion", "no_cache": "cache"}
+    chosen_by = {"inversion": lambda path: Inversion.load(path).method}
+
     #: progress units per diffusion step of a whole inversion (2 for a method that runs the
     #: DDIM inversion and then a second pass over the steps, as null-text does).
     progress_phases: ClassVar[int] = 1

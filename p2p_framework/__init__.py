@@ -23,6 +23,7 @@ from .options import OptionInfo, Plugin
 from .outputs import attention_image, grid_image
 from .pipeline import EditJob, EditResult, EditSettings, run_edit, run_edits
 from .registry import PluginInfo, PluginRegistry, get_registry
+from .schedules import CrossReplace, StepWindow
 from .source import (
     Source,
     SourceLatentGuide,
@@ -40,6 +41,7 @@ __all__ = [
     "AttentionLayer",
     "AttentionStore",
     "ControlledAttnProcessor",
+    "CrossReplace",
     "Edit",
     "EditJob",
     "EditRun",
@@ -63,6 +65,7 @@ __all__ = [
     "SourceStart",
     "StableDiffusionModel",
     "Step",
+    "StepWindow",
     "StepGuide",
     "UncondEmbeddingGuide",
     "attention_image",

@@ -1,5 +1,5 @@
-"""``p2p-run``: the command line, a thin layer over :mod:`p2p_framework.jobs` and
-:mod:`p2p_framework.outputs`.
+"""``p2p-run``: the command line, a thin layer over :mod:`p2p_framework.spec` (the typed
+run), :mod:`p2p_framework.runner` and :mod:`p2p_framework.outputs`.
 
 Results (written paths, or JSON with ``--json``) go to stdout; logs, warnings and the progress
 bar to stderr. Bad input ends with a one-line ``Error: ...`` and exit status 2 (``--debug``
@@ -22,8 +22,9 @@ from typing import Any
 import click
 
 from .errors import P2PError
-from .jobs import AUTO_BATCH_ROWS, MODEL_ENV
-from .model import SCHEDULERS
+from .model import DTYPES
+from .runner import AUTO_BATCH_ROWS, MODEL_ENV
+from .spec import SHORTCUTS
 
 #: Exit status of bad input (an unknown plugin, a bad value, a missing file...).
 EXIT_USAGE = 2
@@ -32,11 +33,9 @@ EXIT_FAILED = 1
 #: Exit status after Ctrl-C.
 EXIT_INTERRUPTED = 130
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
 
 class _State:
-    """Per-invocation flags the error handler needs (set before parsing, from argv)."""
+    """Per-invocation flags the error handler needs (set by the options' callbacks)."""
 
     quiet = False
     debug = False
@@ -87,8 +86,7 @@ class P2PGroup(click.Group):
         **extra: Any,
     ) -> Any:
         args = list(sys.argv[1:] if args is None else args)
-        _state.debug = "--debug" in args
-        _state.quiet = "--quiet" in args or "-q" in args
+        _state.debug = _state.quiet = False
         try:
             result = super().main(
                 args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
@@ -139,61 +137,111 @@ def _one_line(text: str) -> str:
 # -- shared options ---------------------------------------------------------------------------
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    setattr(_state, str(param.name), value)
+    return value
+
+
 def _verbosity(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
-        "--debug", is_flag=True, help="Show tracebacks and the libraries' own logs."
+        "--debug",
+        is_flag=True,
+        is_eager=True,
+        callback=_remember,
+        help="Show tracebacks and the libraries' own logs.",
     )(func)
     func = click.option(
-        "-q", "--quiet", is_flag=True, help="No progress bar and no logs on stderr; errors only."
+        "-q",
+        "--quiet",
+        is_flag=True,
+        is_eager=True,
+        callback=_remember,
+        help="No progress bar and no logs on stderr; errors only.",
     )(func)
     return func
 
 
-def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+#: The model options' help, then each scope's default: ``run`` (edit, generate, invert),
+#: ``rerun`` and ``pipeline`` (``p2p-run run``).
+_MODEL_HELP = {
+    "model": "Hugging Face hub id or local diffusers folder (Stable Diffusion 1.x/2.x).",
+    "revision": "Hub revision (branch, tag or commit) of --model.",
+    "device": "Torch device; auto picks cuda, then mps, then cpu.",
+    "dtype": "Weights' precision; auto is float16 on a GPU, float32 on the CPU "
+    "(half precision needs a GPU).",
+    "compile": "Run the UNet under torch.compile (CUDA graphs on a GPU), or not: the first run "
+    "compiles (minutes), later steps and runs of the same shapes are faster. Results equal the "
+    "eager ones up to float rounding.",
+}
+_MODEL_DEFAULTS = {
+    "run": {
+        "model": f"Default: ${MODEL_ENV}, else the embedded demo model (64 px coloured "
+        "shapes). E.g. --model CompVis/stable-diffusion-v1-4",
+        "revision": "Default: main. E.g. --revision fp16",
+        "device": "E.g. --device cuda:1",
+        "dtype": "E.g. --dtype float32",
+        "compile": "Default: off.",
+    },
+    "rerun": {
+        "model": "Default: the recorded one; give another if the folder moved. "
+        "E.g. --model ./models/sd14",
+        "revision": "Default: the recorded commit. E.g. --revision main",
+        "device": "Default: the recorded one. E.g. --device cpu",
+        "dtype": "Default: the recorded one. E.g. --dtype float32",
+        "compile": "Default: as recorded.",
+    },
+    "pipeline": {
+        "model": f"For jobs that name none. Default: the file's, else ${MODEL_ENV}, else the "
+        "embedded demo model. E.g. --model ./models/sd14",
+        "revision": "For jobs that name none. Default: the file's. E.g. --revision fp16",
+        "device": "For jobs that name none. Default: the file's, else auto. E.g. --device cuda",
+        "dtype": "For jobs that name none. Default: the file's, else auto. E.g. --dtype float16",
+        "compile": "For jobs that do not say. Default: the file's `compile`. Worth it for many "
+        "jobs of one size: they reuse the compiled graph.",
+    },
+}
+
+
+def _model_options(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--model --revision --device --dtype --compile/--no-compile``, declared once; in
+    ``scope`` ``run`` they have defaults, elsewhere None means "as recorded / as the file"."""
+    auto = {"default": "auto", "show_default": True} if scope == "run" else {}
+
+    def text(name: str) -> str:
+        return f"{_MODEL_HELP[name]} {_MODEL_DEFAULTS[scope][name]}"
+
     options = [
         click.option(
             "--model",
-            envvar=MODEL_ENV,
-            show_envvar=True,
+            envvar=MODEL_ENV if scope == "run" else None,
+            show_envvar=scope == "run",
             metavar="ID|DIR",
-            help=(
-                "Hugging Face hub id or local diffusers folder (Stable Diffusion 1.x/2.x). "
-                f"Default: ${MODEL_ENV}, else the embedded demo model (64 px coloured shapes). "
-                "E.g. --model CompVis/stable-diffusion-v1-4"
-            ),
+            help=text("model"),
         ),
-        click.option(
-            "--revision",
-            metavar="REV",
-            help="Hub revision (branch, tag or commit) of --model. Default: main. "
-            "E.g. --revision fp16",
-        ),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="Torch device; auto picks cuda, then mps, then cpu. E.g. --device cuda:1",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(DTYPES),
-            default="auto",
-            show_default=True,
-            help="Weights' precision; auto is float16 on a GPU, float32 on the CPU "
-            "(half precision needs a GPU). E.g. --dtype float32",
-        ),
-        click.option(
-            "--compile",
-            "compile_unet",
-            is_flag=True,
-            help="Run the UNet under torch.compile (CUDA graphs on a GPU): the first run compiles "
-            "(minutes), later steps and runs of the same shapes are faster. Results equal the "
-            "eager ones up to float rounding. E.g. --compile",
-        ),
+        click.option("--revision", metavar="REV", help=text("revision")),
+        click.option("--device", help=text("device"), **auto),
+        click.option("--dtype", type=click.Choice(DTYPES), help=text("dtype"), **auto),
+        click.option("--compile/--no-compile", "compile_unet", default=None, help=text("compile")),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _shortcut_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click options of :data:`p2p_framework.spec.SHORTCUTS` that ``command`` offers."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for shortcut in reversed([s for s in SHORTCUTS if command in s.commands]):
+            name = "--" + shortcut.key.replace("_", "-")
+            func = click.option(name, shortcut.key, help=shortcut.help, **shortcut.click)(func)
+        return func
+
+    return decorate
 
 
 def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -206,12 +254,6 @@ def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "was made with. E.g. --source negative-prompt --set negative-prompt.image=cat.jpg",
         ),
         click.option(
-            "--seed",
-            type=int,
-            help="Seed of the initial noise: shortcut for --set SOURCE.seed=N. "
-            "Default: the source's own (8888 for seed). E.g. --seed 42",
-        ),
-        click.option(
             "--set",
             "assignments",
             multiple=True,
@@ -219,36 +261,6 @@ def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Set any plugin option, read by its type (int, float, bool, list as a,b or "
             "'a b', dict as a=1,b=2, JSON too); `pipeline.KEY` sets a run setting. "
             "Repeatable. E.g. --set local-blend.threshold=0.4",
-        ),
-        click.option(
-            "--steps", type=int, default=50, show_default=True, help="Diffusion steps. E.g. 25"
-        ),
-        click.option(
-            "--guidance",
-            type=float,
-            default=7.5,
-            show_default=True,
-            help="Classifier-free guidance scale; 1 or less turns it off. E.g. --guidance 5",
-        ),
-        click.option(
-            "--height",
-            type=int,
-            help="Image height in pixels, a multiple of 8. Default: the model's size "
-            "(512 for SD 1.x). E.g. --height 768",
-        ),
-        click.option(
-            "--width",
-            type=int,
-            help="Image width in pixels, a multiple of 8. Default: the model's size. "
-            "E.g. --width 768",
-        ),
-        click.option(
-            "--scheduler",
-            type=click.Choice(SCHEDULERS),
-            default="ddim",
-            show_default=True,
-            help="Sampler; ddim as in the papers, `model` for the model's own. "
-            "E.g. --scheduler dpm-solver",
         ),
         click.option(
             "--out",
@@ -271,6 +283,24 @@ def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _job(command: str, options: dict[str, Any], **job: Any) -> dict[str, Any]:
+    """The job of a ``command`` invocation: its keys, the model options and the shortcuts."""
+    shortcuts = {s.key: options[s.key] for s in SHORTCUTS if command in s.commands}
+    return {
+        "mode": command,
+        **job,
+        **shortcuts,
+        "model": options["model"],
+        "revision": options["revision"],
+        "device": options["device"],
+        "dtype": options["dtype"],
+        "compile": options["compile_unet"],
+        "source": options["source"],
+        "set": list(options["assignments"]),
+        "save_attention": options["save_attention"],
+    }
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -342,7 +372,7 @@ def _describe(spec: Any) -> str:
     edits = ", ".join(e.name for e in spec.edits) or "none"
     return (
         f"{len(spec.prompts)} prompt(s), source {spec.source.name}, edits {edits}, "
-        f"{spec.settings['steps']} steps"
+        f"{spec.settings.steps} steps"
     )
 
 
@@ -364,7 +394,7 @@ def _load_model(name: str, **kwargs: Any) -> Any:
 
 
 def _execute(spec: Any, out: Path | None, as_json: bool) -> None:
-    from .jobs import ModelCache, model_from_env, run_job
+    from .runner import ModelCache, model_from_env, run_job
 
     _quiet_libraries()
     registry = _registry()
@@ -447,67 +477,12 @@ def cli() -> None:
     help="Edit plugin; repeatable, applied in order. Default: replace when every target has "
     "the source's word count, else refine. E.g. --edit refine --edit reweight",
 )
-@click.option(
-    "--cross-replace",
-    metavar="S|A:B|WORD=S,...",
-    help="When cross-attention is injected, as a fraction of the steps: 0.8 means 0:0.8; "
-    "per word with `default` for the rest. Default: 0.8. E.g. --cross-replace "
-    "default=1.0,lion=0.4",
-)
-@click.option(
-    "--self-replace",
-    metavar="S|A:B",
-    help="Fraction (or range a:b) of the steps in which targets take the source's "
-    "self-attention. Default: 0.4. E.g. --self-replace 0.5",
-)
-@click.option(
-    "--blend",
-    metavar="WORDS",
-    help="Local blend: one word per prompt, source first (shortcut for --set "
-    'local-blend.words=...; adds local-blend to the edits). E.g. --blend "squirrel lion"',
-)
-@click.option(
-    "--reweight",
-    multiple=True,
-    metavar="WORD=FACTOR",
-    help="Scale a word's attention in the targets (shortcut for reweight.weights; adds "
-    "reweight to the edits); repeatable. E.g. --reweight smiling=5",
-)
-@click.option(
-    "--image",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Real photo to edit: shortcut for --set SOURCE.image=PATH (source null-text unless "
-    "--source says otherwise; --prompt describes the photo). E.g. --image cat.jpg",
-)
-@click.option(
-    "--inversion",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Saved inversion (from `p2p-run invert`) to edit: shortcut for --set "
-    "SOURCE.inversion=PATH. E.g. --inversion cat.p2pinv",
-)
-@click.option(
-    "--no-cache",
-    "no_cache",
-    is_flag=True,
-    help="Invert the photo again even if the inversion cache holds it, and do not store it "
-    "(shortcut for --set SOURCE.cache=false). Default: use the cache. E.g. --image cat.jpg "
-    "--no-cache",
-)
+@_shortcut_options("edit")
 @_run_options
-@_model_options
+@_model_options("run")
 @_verbosity
 def edit_command(
-    prompt: str,
-    targets: tuple[str, ...],
-    edits: tuple[str, ...],
-    cross_replace: str | None,
-    self_replace: str | None,
-    blend: str | None,
-    reweight: tuple[str, ...],
-    image: Path | None,
-    inversion: Path | None,
-    no_cache: bool,
-    **options: Any,
+    prompt: str, targets: tuple[str, ...], edits: tuple[str, ...], **options: Any
 ) -> None:
     """Edit an image by editing its prompt (Prompt-to-Prompt).
 
@@ -526,45 +501,10 @@ def edit_command(
           --target "a tiger sitting next to a mirror" --self-replace 0.5 \\
           --blend "cat tiger" --reweight tiger=2
     """
-    from .jobs import job_from_options
+    from .spec import spec_from_job
 
-    spec = job_from_options(
-        {
-            "mode": "edit",
-            "prompt": prompt,
-            "targets": list(targets),
-            "edits": list(edits),
-            "cross_replace": cross_replace,
-            "self_replace": self_replace,
-            "blend": blend,
-            "reweight": list(reweight) or None,
-            "image": image,
-            "inversion": inversion,
-            "no_cache": no_cache,
-            **_common(options),
-        },
-        _registry(),
-    )
-    _execute(spec, options["out"], options["as_json"])
-
-
-def _common(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "model": options["model"],
-        "revision": options["revision"],
-        "device": options["device"],
-        "dtype": options["dtype"],
-        "compile": options["compile_unet"],
-        "source": options["source"],
-        "seed": options["seed"],
-        "set": list(options["assignments"]),
-        "steps": options["steps"],
-        "guidance": options["guidance"],
-        "height": options["height"],
-        "width": options["width"],
-        "scheduler": options["scheduler"],
-        "save_attention": options["save_attention"],
-    }
+    job = _job("edit", options, prompt=prompt, targets=list(targets), edits=list(edits))
+    _execute(spec_from_job(job, _registry()), options["out"], options["as_json"])
 
 
 @cli.command("generate")
@@ -577,8 +517,9 @@ def _common(options: dict[str, Any]) -> dict[str, Any]:
     help="Prompt; repeatable, one image each, all from the same starting noise. "
     'E.g. --prompt "a cat on a mat"',
 )
+@_shortcut_options("generate")
 @_run_options
-@_model_options
+@_model_options("run")
 @_verbosity
 def generate_command(prompts: tuple[str, ...], **options: Any) -> None:
     """Generate images without editing (same loading and seeding as `edit`).
@@ -590,12 +531,10 @@ def generate_command(prompts: tuple[str, ...], **options: Any) -> None:
     Example:
       p2p-run generate --prompt "a cat on a mat" --prompt "a dog on a mat" --seed 1
     """
-    from .jobs import job_from_options
+    from .spec import spec_from_job
 
-    spec = job_from_options(
-        {"mode": "generate", "prompts": list(prompts), **_common(options)}, _registry()
-    )
-    _execute(spec, options["out"], options["as_json"])
+    job = _job("generate", options, prompts=list(prompts))
+    _execute(spec_from_job(job, _registry()), options["out"], options["as_json"])
 
 
 @cli.command("rerun")
@@ -606,37 +545,11 @@ def generate_command(prompts: tuple[str, ...], **options: Any) -> None:
     help="Output folder. Default: a new p2p-out/MODE-DATE-TIME. E.g. --out out/again",
 )
 @click.option(
-    "--model",
-    metavar="ID|DIR",
-    help="Use this model instead of the recorded one (e.g. the folder moved). "
-    "E.g. --model ./models/sd14",
-)
-@click.option("--device", help="Torch device. Default: the recorded one. E.g. --device cpu")
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    help="Precision. Default: the recorded one. E.g. --dtype float32",
-)
-@click.option(
-    "--compile/--no-compile",
-    "compile_unet",
-    default=None,
-    help="Run the UNet under torch.compile, or not. Default: as recorded.",
-)
-@click.option(
     "--json", "as_json", is_flag=True, help="Print the new run record instead of the paths."
 )
+@_model_options("rerun")
 @_verbosity
-def rerun_command(
-    record: Path,
-    out: Path | None,
-    model: str | None,
-    device: str | None,
-    dtype: str | None,
-    compile_unet: bool | None,
-    as_json: bool,
-    **_: Any,
-) -> None:
+def rerun_command(record: Path, out: Path | None, as_json: bool, **options: Any) -> None:
     """Run again what a run.json records: same model, prompts, plugins, options and settings.
 
     On the same machine, device and library versions the images are identical, byte for byte.
@@ -646,15 +559,15 @@ def rerun_command(
     Example:
       p2p-run rerun out/lion/run.json --out out/lion-again
     """
-    from .jobs import job_from_record, read_record
+    from .spec import RunSpec, read_record
 
-    path = record / "run.json" if record.is_dir() else record
-    spec = job_from_record(read_record(path))
-    if model:
-        spec.model, spec.revision, spec.identity = model, None, None
-    spec.device = device or spec.device
-    spec.dtype = dtype or spec.dtype
-    spec.compile = spec.compile if compile_unet is None else compile_unet
+    spec = RunSpec.from_json(read_record(record), _registry())
+    if options["model"]:
+        spec.model, spec.revision, spec.identity = options["model"], None, None
+    spec.revision = options["revision"] or spec.revision
+    spec.device = options["device"] or spec.device
+    spec.dtype = options["dtype"] or spec.dtype
+    spec.compile = spec.compile if options["compile_unet"] is None else options["compile_unet"]
     _execute(spec, out, as_json)
 
 
@@ -675,7 +588,7 @@ def plugins_command(as_json: bool, kind: str | None, **_: Any) -> None:
     Example:
       p2p-run plugins --kind edit
     """
-    from .values import json_ready, option_types, type_text
+    from .outputs import json_ready
 
     registry = _registry()
     infos = registry.plugins(kind)
@@ -685,14 +598,12 @@ def plugins_command(as_json: bool, kind: str | None, **_: Any) -> None:
         click.echo(json.dumps([json_ready(info.as_dict()) for info in infos], indent=2))
         return
     for info in infos:
-        types = option_types(info.plugin_class)
         click.echo(f"{info.name} ({info.kind}) from {info.package} {info.version}")
         if info.summary:
             click.echo(f"    {info.summary}")
         for option in info.options:
             default = "required" if option.required else f"default {option.default!r}"
-            kind = type_text(types[option.name]) if option.name in types else option.type
-            click.echo(f"    --set {info.name}.{option.name}: {kind}, {default}")
+            click.echo(f"    --set {info.name}.{option.name}: {option.type}, {default}")
             if option.help:
                 click.echo(f"        {option.help}")
 
@@ -718,29 +629,6 @@ def _batch_rows(ctx: click.Context, param: click.Parameter, value: Any) -> int |
     "Default: the file's `out`, else p2p-out/FILE-STEM. E.g. --out out/batch",
 )
 @click.option(
-    "--model",
-    metavar="ID|DIR",
-    help="Model for jobs that name none (instead of the file's `model`). "
-    f"Default: the file's, else ${MODEL_ENV}, else the embedded demo model. "
-    "E.g. --model ./models/sd14",
-)
-@click.option(
-    "--device",
-    help="Torch device for jobs that name none. Default: the file's, else auto. E.g. --device cuda",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    help="Precision for jobs that name none. Default: the file's, else auto. E.g. --dtype float16",
-)
-@click.option(
-    "--compile",
-    "compile_unet",
-    is_flag=True,
-    help="Run the UNet under torch.compile for jobs that do not say (the file's `compile`). "
-    "Worth it for many jobs of one size: they reuse the compiled graph.",
-)
-@click.option(
     "--batch-rows",
     default="auto",
     show_default=True,
@@ -759,17 +647,10 @@ def _batch_rows(ctx: click.Context, param: click.Parameter, value: Any) -> int |
     is_flag=True,
     help="Print one JSON object per job on stdout (its run record, or its error).",
 )
+@_model_options("pipeline")
 @_verbosity
 def run_command(
-    pipeline_file: Path,
-    out: Path | None,
-    model: str | None,
-    device: str | None,
-    dtype: str | None,
-    compile_unet: bool,
-    batch_rows: int | str,
-    as_json: bool,
-    **_: Any,
+    pipeline_file: Path, out: Path | None, batch_rows: int | str, as_json: bool, **options: Any
 ) -> None:
     """Run the jobs of a pipeline file (TOML), loading each model once and batching the jobs
     that can share a UNet batch (--batch-rows).
@@ -793,7 +674,8 @@ def run_command(
     Example:
       p2p-run run jobs.toml --out out/batch --json
     """
-    from .jobs import JobOutcome, ModelCache, load_pipeline, run_pipeline
+    from .pipeline_file import load_pipeline
+    from .runner import JobOutcome, ModelCache, run_pipeline
 
     _quiet_libraries()
     registry = _registry()
@@ -832,10 +714,11 @@ def run_command(
             pipeline,
             registry=registry,
             overrides={
-                "model": model,
-                "device": device,
-                "dtype": dtype,
-                "compile": compile_unet or None,
+                "model": options["model"],
+                "revision": options["revision"],
+                "device": options["device"],
+                "dtype": options["dtype"],
+                "compile": options["compile_unet"],
             },
             out_root=out,
             models=ModelCache(loader),
@@ -922,7 +805,7 @@ def run_command(
     is_flag=True,
     help="Print the inversion's summary as JSON instead of the path.",
 )
-@_model_options
+@_model_options("run")
 @_verbosity
 def invert_command(
     image: Path,
@@ -940,7 +823,7 @@ def invert_command(
     revision: str | None,
     device: str,
     dtype: str,
-    compile_unet: bool,
+    compile_unet: bool | None,
     **_: Any,
 ) -> None:
     """Invert a real photo once, to edit it many times with `edit --inversion FILE`.
@@ -952,7 +835,8 @@ def invert_command(
           --target "a tiger sitting next to a mirror" --blend "cat tiger"
     """
     from .inversion import invert, inverting_source
-    from .jobs import JobError, model_from_env, parse_assignments
+    from .runner import model_from_env
+    from .spec import JobError, parse_assignments
 
     _quiet_libraries()
     options: dict[str, Any] = {}
@@ -973,7 +857,7 @@ def invert_command(
         device=device,
         dtype=dtype,
         revision=revision,
-        compile=compile_unet,
+        compile=bool(compile_unet),
     )
     _log(f"Inverting {image} with {method}, {steps} steps")
     with _progress(method) as progress:

@@ -71,9 +71,13 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+#: The weights' precisions ``load_model`` takes by name, ``auto`` first.
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: float16 on CUDA and MPS, float32 on CPU; half precision only on a GPU."""
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    names = {name: getattr(torch, name) for name in DTYPES[1:]}
     if dtype == "auto":
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
     if dtype not in names:

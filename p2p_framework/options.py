@@ -25,6 +25,7 @@ import functools
 import json
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -44,6 +45,16 @@ class Plugin:
     """
 
     name: ClassVar[str] = ""
+    #: Job keys (``p2p-run`` options, pipeline-file keys) that set one of this plugin's
+    #: options: ``{"blend": "words"}``. An edit's key adds the edit to the run; a source's key
+    #: sets that option of the run's source (docs/plugins.md, "Shortcuts").
+    shortcuts: ClassVar[Mapping[str, str]] = {}
+    #: A source's: job keys that make it the source of a job that names none, e.g.
+    #: ``{"image": True}``; ``"*"``: when no other source's key is given; a callable value
+    #: ``f(value) -> name`` names the source instead (e.g. the one a saved file was made with).
+    chosen_by: ClassVar[Mapping[str, bool | Callable[[Any], str]]] = {}
+    #: An edit's: ``f(prompts) -> bool``, true when it is the edit of a job that names none.
+    default_for: ClassVar[Callable[[Sequence[str]], bool] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

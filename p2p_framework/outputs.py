@@ -24,17 +24,42 @@ import os
 import platform
 import secrets
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import P2PError
-from .values import json_ready
 
 #: ``format`` field of every run record.
-RECORD_FORMAT = "p2p-framework/run@1"
+RECORD_FORMAT = "p2p-framework/run@2"
+#: Earlier record formats that are still read (``run@1``: ``cross_replace_steps`` named its
+#: default window ``"default_"``; version 2 writes ``"default"``).
+READ_FORMATS = ("p2p-framework/run@1", RECORD_FORMAT)
+
+
+def json_ready(value: Any) -> Any:
+    """A JSON-serialisable copy of a value: objects with ``to_json()`` (schedules, settings)
+    by it, tuples as lists, paths as strings, tensor/array scalars as numbers."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if hasattr(value, "to_json"):
+        return json_ready(value.to_json())
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_ready(v) for v in value]
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        return json_ready(item())
+    if hasattr(value, "tolist"):
+        return json_ready(value.tolist())
+    return repr(value)
 
 
 class OutputError(P2PError):
@@ -314,7 +339,6 @@ def plugin_record(plugin: Any, kind: str, registry: Any = None) -> dict[str, Any
     The name comes from the registry entry whose class is ``type(plugin)`` (falling back to
     the class's ``name``), so a record can be turned back into plugins by name.
     """
-    from .options import describe_options
     from .registry import get_registry
 
     registry = registry if registry is not None else get_registry()
@@ -322,14 +346,13 @@ def plugin_record(plugin: Any, kind: str, registry: Any = None) -> dict[str, Any
         (i for i in registry.plugins(kind) if i.plugin_class is type(plugin)),
         None,
     )
-    fields = [option.name for option in describe_options(type(plugin))]
     return {
         "name": info.name if info else getattr(plugin, "name", type(plugin).__name__),
         "kind": kind,
         "package": info.package if info else "unknown",
         "version": info.version if info else "unknown",
         "plugin": info.plugin if info else type(plugin).__module__,
-        "options": {name: json_ready(getattr(plugin, name)) for name in fields},
+        "options": json_ready(plugin.option_values()),
     }
 
 
@@ -389,7 +412,7 @@ def run_record(
         "prompts": list(result.prompts),
         "source": plugin_record(result.source, "source", registry),
         "edits": [plugin_record(edit, "edit", registry) for edit in result.edits],
-        "settings": json_ready(dict(result.settings.__dict__)),
+        "settings": result.settings.to_json(),
         "seed": json_ready(seed),
         "source_info": json_ready(result.source_info),
         "save_attention": bool(save_attention),

@@ -8,41 +8,58 @@ step index and the conditional rows before every UNet call.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-import numpy as np
 import torch
 from PIL import Image
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from .attention import AttentionController
 from .batch import ControllerGroup, plan_batches
 from .edit import Edit, EditRun, RunContext
 from .errors import OptionError, P2PError, PromptError
 from .model import StableDiffusionModel
-from .schedules import Bounds, CrossReplaceSteps, cross_replace_table, self_replace_window
+from .options import validate_fields
+from .schedules import OWNER, CrossReplace, StepWindow, cross_replace_table, self_replace_window
 from .source import Source, SourceRequest, SourceStart, StepGuide
 from .store import AttentionStore
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 
 
+def _power_of_two(value: int) -> int:
+    if value & (value - 1):
+        raise PydanticCustomError("power_of_two", "must be a power of two")
+    return value
+
+
+#: An ``int >= 1`` that is a power of two (a grid's downscale factor).
+PowerOfTwo = Annotated[int, Field(ge=1), AfterValidator(_power_of_two)]
+
+
 @dataclass
 class EditSettings:
     """Settings of one run. Defaults are the published Prompt-to-Prompt ones.
+
+    Every field is validated and converted on construction (:func:`options.validate_fields`),
+    so ``EditSettings(cross_replace_steps={"default": 1.0, "lion": 0.4})``, the command line's
+    text ``"default=1.0,lion=0.4"`` and a ``run.json`` value all give a :class:`CrossReplace`.
 
     Attributes:
         steps: diffusion steps (50).
         guidance: classifier-free guidance scale (7.5); 1 or less turns guidance off.
         height, width: image size in pixels; None means the model's own size.
-        cross_replace_steps: when cross-attention is injected: a fraction ``s`` of the steps
-            (``(0, s)``), a pair ``(a, b)``, or a per-word dict such as
-            ``{"default_": 0.8, "lion": 0.4}`` (0.8).
-        self_replace_steps: fraction or pair of steps in which targets take the source's
-            self-attention (0.4).
+        cross_replace_steps: when cross-attention is injected (:class:`CrossReplace`): a
+            fraction ``s`` of the steps (``(0, s)``), a pair ``(a, b)``, or per word, such as
+            ``{"default": 0.8, "lion": 0.4}`` (0.8).
+        self_replace_steps: the :class:`StepWindow` (a fraction or a pair) of steps in which
+            targets take the source's self-attention (0.4).
         self_replace_min_downscale: self-attention is replaced only in layers whose grid is
             the latent grid divided by at least this: 4 means the 16x16 layers of SD 1.x at
             512 px (the paper); 2 also takes the 32x32 ones (the null-text notebook).
@@ -55,30 +72,35 @@ class EditSettings:
             (less memory, same result).
     """
 
-    steps: int = 50
-    guidance: float = 7.5
+    steps: Annotated[int, Field(ge=1)] = 50
+    guidance: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 7.5
     height: int | None = None
     width: int | None = None
-    cross_replace_steps: CrossReplaceSteps = 0.8
-    self_replace_steps: Bounds = 0.4
-    self_replace_min_downscale: int = 4
+    cross_replace_steps: CrossReplace = CrossReplace(0.8)
+    self_replace_steps: StepWindow = StepWindow(0.0, 0.4)
+    self_replace_min_downscale: PowerOfTwo = 4
     scheduler: str = "ddim"
     attention_maps: bool = False
-    attention_downscale: int = 4
+    attention_downscale: PowerOfTwo = 4
     separate_uncond_pass: bool = False
 
-    def check(self) -> None:
-        """Raise :class:`OptionError` for values no run can use."""
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise OptionError(
-                "pipeline", "steps", f"must be a positive integer, got {self.steps!r}"
-            )
-        if not np.isfinite(self.guidance) or self.guidance < 0:
-            raise OptionError("pipeline", "guidance", f"must be >= 0, got {self.guidance!r}")
-        for option in ("self_replace_min_downscale", "attention_downscale"):
-            value = getattr(self, option)
-            if not isinstance(value, int) or value < 1 or value & (value - 1):
-                raise OptionError("pipeline", option, f"must be a power of two, got {value!r}")
+    def __post_init__(self) -> None:
+        validate_fields(self, OWNER)
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, JSON-ready (schedules by their ``to_json()``), as ``run.json`` has it."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EditSettings:
+        """Settings from :meth:`to_json`'s dict (also from a ``run.json`` written before the
+        value objects: ``"default_"``, lists for pairs); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _json_value(value: Any) -> Any:
+    return value.to_json() if hasattr(value, "to_json") else value
 
 
 @dataclass
@@ -177,11 +199,11 @@ def _resolve(model: StableDiffusionModel, job: EditJob) -> tuple[list[str], Edit
     """The job's checked prompts and its settings with the image size filled in."""
     prompts = _check_prompts(job.prompts)
     settings = job.settings or EditSettings()
-    settings.check()
     height = settings.height or model.default_size
     width = settings.width or model.default_size
     model.latent_size(height, width)  # raises OptionError for sizes the VAE cannot take
-    return prompts, EditSettings(**{**settings.__dict__, "height": height, "width": width})
+    # replace() validates again: a field set after construction is checked here.
+    return prompts, dataclasses.replace(settings, height=height, width=width)
 
 
 def batch_key(settings: EditSettings) -> tuple[Any, ...]:

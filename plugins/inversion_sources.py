@@ -35,6 +35,7 @@ class NullTextSource(InvertingSource):
     """Start from a real photo by null-text inversion (the paper's; slow, faithful)."""
 
     name = "null-text"
+    chosen_by = {"image": True}  # --image without --source
     progress_phases: ClassVar[int] = 2  # the DDIM inversion, then the optimisation
 
     num_inner_steps: Annotated[int, Field(ge=0)] = field(

@@ -35,6 +35,7 @@ class LocalBlend(Edit):
     """Keep everything outside the blend words' attention identical to the source."""
 
     name = "local-blend"
+    shortcuts = {"blend": "words"}  # --blend WORDS
 
     words: Words = field(
         metadata={"help": "one word (or list of words) per prompt, source first; e.g. cat dog"},

@@ -29,6 +29,7 @@ class Refine(PromptToPromptEdit):
     """Add words: aligned tokens take the source's attention, new tokens keep their own."""
 
     name = "refine"
+    default_for = staticmethod(lambda prompts: len({len(p.split()) for p in prompts}) > 1)
 
     def bind(self, run: RunContext) -> RefineRun:
         mappers, alphas = [], []

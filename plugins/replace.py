@@ -29,6 +29,7 @@ class Replace(PromptToPromptEdit):
     """Swap words: targets reuse the source's attention, mapped token to token."""
 
     name = "replace"
+    default_for = staticmethod(lambda prompts: len({len(p.split()) for p in prompts}) == 1)
 
     def bind(self, run: RunContext) -> ReplaceRun:
         source, targets = run.prompts[0], run.prompts[1:]

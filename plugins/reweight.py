@@ -32,6 +32,7 @@ class Reweight(PromptToPromptEdit):
     """Scale the attention of words by factors (values may be negative or large)."""
 
     name = "reweight"
+    shortcuts = {"reweight": "weights"}  # --reweight WORD=FACTOR
 
     weights: Annotated[dict[str, Factor | list[Factor]], Field(min_length=1)] = field(
         metadata={"help": "word -> factor, or a list with one factor per target; e.g. smiling=5"},

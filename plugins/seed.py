@@ -28,6 +28,8 @@ class Seed(Source):
     """Start from Gaussian noise drawn with a seed (the paper's examples use 8888)."""
 
     name = "seed"
+    shortcuts = {"seed": "seed"}  # --seed N
+    chosen_by = {"*": True}  # the source of a job that names none and gives no photo
 
     seed: Annotated[int, Field(ge=0), AfterValidator(_fits_64_bits)] = field(
         default=8888, metadata={"help": "random seed of the initial noise"}

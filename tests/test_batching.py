@@ -22,7 +22,6 @@ from p2p_framework import EditSettings, OptionError, PluginRegistry, run_edit
 from p2p_framework.batch import ControllerGroup, plan_batches
 from p2p_framework.cli import cli
 from p2p_framework.inversion import invert
-from p2p_framework.jobs import MODEL_ENV
 from p2p_framework.pipeline import EditJob, iter_edits, run_edits
 from p2p_framework.plugins.inversion_sources import DirectSource, NullTextSource
 from p2p_framework.plugins.local_blend import LocalBlend
@@ -30,6 +29,7 @@ from p2p_framework.plugins.refine import Refine
 from p2p_framework.plugins.replace import Replace
 from p2p_framework.plugins.reweight import Reweight
 from p2p_framework.plugins.seed import Seed
+from p2p_framework.runner import MODEL_ENV
 
 STEPS = 4
 SIZE = {"height": 64, "width": 64}
@@ -88,7 +88,7 @@ def test_different_edits_and_schedules_in_one_batch(tiny_model, monkeypatch):
                 [Refine(), Reweight(weights={"croutons": 3.0})],
                 Seed(2),
                 settings(
-                    cross_replace_steps={"default_": 1.0, "croutons": 0.5},
+                    cross_replace_steps={"default": 1.0, "croutons": 0.5},
                     self_replace_steps=(0.25, 0.75),
                     guidance=5.0,
                     attention_maps=True,
@@ -150,7 +150,7 @@ def test_sources_with_per_step_embeddings_and_latents_and_local_blend(tiny_model
                 [SQUIRREL, LION, "a painting of a tiger eating a burger"],
                 [Replace(), LocalBlend(words=["squirrel", "lion", "tiger"], start_blend=0.0)],
                 Seed(4),
-                settings(cross_replace_steps={"default_": 1.0, "lion": 0.4}),
+                settings(cross_replace_steps={"default": 1.0, "lion": 0.4}),
             ),
         ]
 

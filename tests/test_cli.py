@@ -21,8 +21,8 @@ from PIL import Image
 
 from p2p_framework import Edit, EditRun, PluginRegistry, hookimpl
 from p2p_framework.cli import cli
-from p2p_framework.jobs import MODEL_ENV
 from p2p_framework.outputs import OutputError, write_bytes_atomic
+from p2p_framework.runner import MODEL_ENV
 
 # CPU and float32 also on a machine with a GPU: records and byte-identical reruns are checked.
 FAST = ["--steps", "3", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "float32"]
@@ -124,7 +124,7 @@ def test_edit_writes_images_grid_attention_and_record(edit_run):
 def test_run_record_has_every_parameter(edit_run, tiny_model_dir):
     _, out = edit_run
     record = json.loads((out / "run.json").read_text())
-    assert record["format"] == "p2p-framework/run@1" and record["mode"] == "edit"
+    assert record["format"] == "p2p-framework/run@2" and record["mode"] == "edit"
     assert record["prompts"] == [
         "a painting of a squirrel eating a burger",
         "a painting of a lion eating a burger",
@@ -148,7 +148,7 @@ def test_run_record_has_every_parameter(edit_run, tiny_model_dir):
     assert edits["local-blend"]["options"]["threshold"] == 0.4
     assert edits["local-blend"]["options"]["start_blend"] == 0.2  # defaults included
     settings = record["settings"]
-    assert settings["cross_replace_steps"] == {"default_": 1.0, "lion": 0.4}
+    assert settings["cross_replace_steps"] == {"default": 1.0, "lion": 0.4}
     assert settings["self_replace_steps"] == [0.2, 0.6]
     assert settings["steps"] == 3 and settings["guidance"] == 7.5
     assert settings["height"] == 64 and settings["scheduler"] == "ddim"
@@ -286,18 +286,18 @@ def test_inversion_cache_is_hit_then_skipped_with_no_cache(
     assert cache_state("b") == "hit"
     assert cache_state("c", "--no-cache") == "off"
     result = invoke(*edit_args(tiny_model_dir, tmp_path / "d", "--no-cache"))
-    assert_one_line_error(result, "no_cache", "'seed' keeps no cache")
+    assert_one_line_error(result, "no_cache: source 'seed' has no option 'cache'")
 
 
 def test_image_shortcut_picks_null_text(registry, tmp_path):
-    from p2p_framework.jobs import job_from_options
+    from p2p_framework.spec import spec_from_job
 
     if not any(p.name == "null-text" for p in registry.plugins("source")):
         pytest.skip("the inversion sources are not registered")
-    spec = job_from_options({"prompt": "a cat", "targets": ["a dog"], "image": "cat.jpg"}, registry)
-    assert spec.source.name == "null-text" and spec.source.options["image"] == "cat.jpg"
-    assert spec.source.options["num_inner_steps"] == 10
-    spec = job_from_options({"prompt": "a cat", "image": "cat.jpg", "source": "direct"}, registry)
+    spec = spec_from_job({"prompt": "a cat", "targets": ["a dog"], "image": "cat.jpg"}, registry)
+    assert spec.source.name == "null-text" and spec.source.image == "cat.jpg"
+    assert spec.source.num_inner_steps == 10
+    spec = spec_from_job({"prompt": "a cat", "image": "cat.jpg", "source": "direct"}, registry)
     assert spec.source.name == "direct"
 
 
@@ -308,7 +308,7 @@ def test_plugins_lists_kind_package_version_and_options(invoke):
     result = invoke("plugins")
     assert result.exit_code == 0, result.output
     assert "reweight (edit) from p2p-framework" in result.stdout
-    assert "--set local-blend.threshold: float, default 0.3" in result.stdout
+    assert "--set local-blend.threshold: float >= 0 <= 1, default 0.3" in result.stdout
     assert "seed (source)" in result.stdout
 
     listed = json.loads(invoke("plugins", "--json", "--kind", "source").stdout)
@@ -390,7 +390,7 @@ def test_set_reaches_a_registered_plugins_options(invoke, registry, tiny_model_d
 def test_example_plugin_is_found_through_its_entry_point(invoke):
     result = invoke("plugins", "--kind", "edit", obj=PluginRegistry())
     assert result.exit_code == 0, result.output
-    assert "suppress-word (edit) from p2p-example-plugin 0.1.0" in result.stdout
+    assert "suppress-word (edit) from p2p-example-plugin 0.2.0" in result.stdout
     assert "--set suppress-word.factor: float, default 0.0" in result.stdout
 
 
@@ -431,7 +431,7 @@ def test_example_plugin_errors_are_one_line(invoke, tiny_model_dir, tmp_path):
     args += ["--set", "suppress-word.words=lion"]
     result = invoke(*args, "--set", "suppress-word.places=left", obj=PluginRegistry())
     assert_one_line_error(result, "suppress-word: places:")
-    assert "'down', 'mid', 'up'" in result.output or "down, mid, up" in result.output
+    assert "'down', 'mid' or 'up'" in result.output
 
 
 # --------------------------------------------------------------------------- pipeline files
@@ -479,7 +479,7 @@ def test_run_pipeline_runs_every_job_once_loading_the_model_once(invoke, tiny_mo
         ("plain", "ok"),
     ]
     assert "'frowning' is not a word of" in lines[1]["error"]
-    assert lines[0]["settings"]["cross_replace_steps"] == {"default_": 1.0, "lion": 0.4}
+    assert lines[0]["settings"]["cross_replace_steps"] == {"default": 1.0, "lion": 0.4}
     assert lines[0]["seed"] == 5 and lines[2]["seed"] == 11
     assert (tmp_path / "out" / "lion" / "target-1.png").is_file()
     assert (tmp_path / "out" / "plain" / "image-1.png").is_file()
@@ -504,7 +504,8 @@ def test_run_rejects_a_bad_pipeline_file(invoke, tmp_path):
 
 
 def test_the_documented_pipeline_file_is_valid(registry, tmp_path):
-    from p2p_framework.jobs import load_pipeline, pipeline_job_spec
+    from p2p_framework.pipeline_file import load_pipeline, pipeline_job_spec
+    from p2p_framework.schedules import CrossReplace
 
     if not any(p.name == "null-text" for p in registry.plugins("source")):
         pytest.skip("the inversion sources are not registered")
@@ -516,12 +517,13 @@ def test_the_documented_pipeline_file_is_valid(registry, tmp_path):
     specs = [pipeline_job_spec(pipeline, i, registry) for i in range(len(pipeline.jobs))]
     assert [s.name for s in specs] == ["lion", "croutons", "fall", "tiger", "plain"]
     assert specs[0].out == str(Path("out/batch/lion"))
-    assert specs[0].settings["cross_replace_steps"] == {"default_": 1.0, "lion": 0.4}
+    assert specs[0].settings.cross_replace_steps == CrossReplace(1.0, {"lion": 0.4})
     assert [e.name for e in specs[1].edits] == ["refine", "reweight"]
-    assert specs[2].edits[1].options["threshold"] == 0.4
-    assert specs[3].source.name == "null-text" and specs[3].settings["self_replace_steps"] == 0.5
+    assert specs[2].edits[1].threshold == 0.4
+    assert specs[3].source.name == "null-text"
+    assert specs[3].settings.self_replace_steps.to_json() == 0.5
     assert specs[4].mode == "generate" and specs[4].model.startswith("stabilityai/")
-    assert specs[4].source.options["seed"] == 8888
+    assert specs[4].source.seed == 8888
 
 
 # --------------------------------------------------------------------------- errors
@@ -539,14 +541,21 @@ def test_unknown_plugins_list_the_available_ones(invoke, tiny_model_dir, tmp_pat
 @pytest.mark.parametrize(
     ("extra", "fragments"),
     [
-        (["--blend", "squirrel lion", "--set", "local-blend.threshold=abc"], ["expected float"]),
+        (
+            ["--blend", "squirrel lion", "--set", "local-blend.threshold=abc"],
+            ["local-blend: threshold:", "'abc'"],
+        ),
         (["--blend", "squirrel lion", "--set", "local-blend.threshold=7"], ["threshold"]),
         (["--set", "replace.strength=1"], ["replace: strength: unknown option"]),
         (["--set", "threshold=1"], ["--set expects PLUGIN.KEY=VALUE"]),
         (["--cross-replace", "often"], ["cross_replace_steps", "'often'"]),
         (["--cross-replace", "0.9:0.1"], ["start 0.9 is after end 0.1"]),
         (["--reweight", "lion"], ["expected WORD=FACTOR"]),
-        (["--set", "pipeline.steps=-1"], ["steps: must be a positive integer"]),
+        (["--set", "pipeline.steps=-1"], ["pipeline: steps: input should be greater than"]),
+        (["--steps", "0"], ["pipeline: steps:"]),
+        (["--set", "pipeline.attention_downscale=3"], ["must be a power of two"]),
+        (["--set", "pipeline.stpes=3"], ["pipeline: stpes: unknown setting"]),
+        (["--seed", "-1"], ["seed: seed:"]),
     ],
 )
 def test_bad_option_values(invoke, tiny_model_dir, tmp_path, extra, fragments):

@@ -253,7 +253,7 @@ def test_cli_compile_flag_is_recorded_and_rerun(
     from PIL import Image
 
     from p2p_framework.cli import cli
-    from p2p_framework.jobs import MODEL_ENV
+    from p2p_framework.runner import MODEL_ENV
 
     monkeypatch.delenv(MODEL_ENV, raising=False)
     common = ["--prompt", "a cat on a mat", "--target", "a dog on a mat", "--steps", "3"]

@@ -46,13 +46,14 @@ def test_every_hookspec_has_a_test():
 
 def test_documented_plugin_options_exist():
     # Parameter names in docs must be the code's (a peer's README used names its code ignored).
-    from p2p_framework import EditSettings
+    from p2p_framework import EditSettings, RunContext
     from p2p_framework.registry import PluginRegistry
 
     text = (ROOT / "docs" / "plugins.md").read_text() + (
         ROOT / "docs" / "architecture.md"
     ).read_text()
-    settings = set(EditSettings.__dataclass_fields__)
+    # run settings, and what RunContext tells an edit of them
+    settings = set(EditSettings.__dataclass_fields__) | set(RunContext.__dataclass_fields__)
     for name in re.findall(r"`((?:cross|self)_replace_\w+)`", text):
         assert name in settings, name
     options = {o.name for p in PluginRegistry(entry_points=False).plugins() for o in p.options}

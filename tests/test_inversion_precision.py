@@ -27,8 +27,8 @@ from p2p_framework.inversion.ddim import (
     fresh_scheduler,
     unet_precision,
 )
+from p2p_framework.options import validate_value
 from p2p_framework.plugins.inversion_sources import NullTextSource
-from p2p_framework.values import parse_option
 
 PROMPT = "a photo of a cat"
 STEPS = 4
@@ -71,9 +71,9 @@ def test_bad_precisions_are_refused(model, photo: Path) -> None:
         NullTextSource(image=str(photo), unet_precision="bf16")
     # The command line reads --set null-text.unet_precision=... by the annotation.
     annotation = typing.get_type_hints(NullTextSource)["unet_precision"]
-    assert parse_option("null-text", "unet_precision", annotation, "float16") == "float16"
+    assert validate_value("null-text", "unet_precision", annotation, "float16") == "float16"
     with pytest.raises(OptionError, match="unet_precision"):
-        parse_option("null-text", "unet_precision", annotation, "bf16")
+        validate_value("null-text", "unet_precision", annotation, "bf16")
 
 
 def test_precision_is_recorded_and_keys_the_cache(model, photo: Path, tmp_path: Path) -> None:

@@ -116,12 +116,12 @@ def test_cross_table_fraction_and_pair(tokenizer):
 
 def test_cross_table_per_word(tokenizer):
     prompts = ["a painting of a squirrel", "a painting of a lion", f"a painting of a {SPLIT_WORD}"]
-    table = cross_replace_table({"default_": 1.0, "lion": 0.4}, prompts, 10, tokenizer)
+    table = cross_replace_table({"default": 1.0, "lion": 0.4}, prompts, 10, tokenizer)
     # default (0, 1) -> rows 0..10 all on; "lion" only in target 0 at position 5: rows < 4
     assert table[:, 1].eq(1).all()
     assert table[:, 0, 5].tolist() == [1] * 4 + [0] * 7
     assert table[:, 0, 4].eq(1).all()
-    # a dict without default_ gets (0, 1) elsewhere; a split word covers all its tokens
+    # a dict without default gets (0, 1) elsewhere; a split word covers all its tokens
     table = cross_replace_table({SPLIT_WORD: (0.5, 1.0)}, prompts, 10, tokenizer)
     assert table[:, 1, 5:13].eq(table[:, 1, 5:6]).all()
     assert table[:, 1, 5].tolist() == [0] * 5 + [1] * 6

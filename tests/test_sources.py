@@ -23,9 +23,11 @@ from pydantic import Field
 
 from p2p_framework import (
     Edit,
+    EditRun,
     EditSettings,
     OptionError,
     PluginRegistry,
+    RunContext,
     Source,
     SourceRequest,
     SourceStart,
@@ -77,6 +79,15 @@ class Recorded(Source):
         return SourceStart(start.latent, guide=Recorder(self.calls), info=start.info)
 
 
+class LogRun(EditRun):
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        self.calls.append(("edit", step))
+        return latents
+
+
 @dataclass
 class Log(Edit):
     """Records the order of after_step calls."""
@@ -84,9 +95,8 @@ class Log(Edit):
     name = "log"
     calls: Any = field(default_factory=list)
 
-    def after_step(self, latents, step, run):  # noqa: ANN001, ANN201 - Edit's signature
-        self.calls.append(("edit", step))
-        return latents
+    def bind(self, run: RunContext) -> EditRun:
+        return LogRun(self.calls)
 
 
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
