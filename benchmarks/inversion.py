@@ -105,6 +105,16 @@ VARIANTS: list[tuple[str, type, dict[str, Any], float | None]] = [
     ),
 ]
 
+try:  # the example plugin package's third-party source, when installed
+    from p2p_example_plugin.fixed_point import FixedPointSource
+except ImportError:  # pragma: no cover - optional
+    pass
+else:
+    VARIANTS += [
+        ("fixed-point (example plugin), 5 iterations", FixedPointSource, {}, None),
+        ("fixed-point (example plugin), 3 iterations", FixedPointSource, {"iterations": 3}, None),
+    ]
+
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
     x = np.asarray(a, dtype=np.float64)

@@ -1,8 +1,10 @@
-"""Inversion of real photos for editing: DDIM, null-text, negative-prompt and direct.
+"""Inversion of real photos for editing: the invertible-source base class and its machinery.
 
-This package knows nothing of edits: it turns a photo and its description into an
-:class:`Inversion` (starting latent plus what each denoising step needs to reconstruct the
-photo), which a source plugin hands to the editing loop::
+Every inversion method is a source plugin subclassing :class:`InvertingSource` (built-ins:
+``null-text``, ``negative-prompt``, ``direct``, ``ddim``; a plugin package may add more). It
+turns a photo and its description into an :class:`Inversion` (starting latent plus what each
+denoising step needs to reconstruct the photo, saved as a ``.p2pinv`` file), and hands the
+editing loop a :class:`~p2p_framework.StepGuide` made from it::
 
     from p2p_framework import load_model
     from p2p_framework.inversion import invert
@@ -14,16 +16,24 @@ photo), which a source plugin hands to the editing loop::
 See ``docs/inversion.md``.
 """
 
-from .api import invert
+from .api import invert, invertible_sources, inverting_source
 from .cache import InversionCache, cache_key, default_cache_dir
-from .ddim import check_ddim_scheduler, scheduler_signature
+from .ddim import (
+    DDIMMath,
+    UNetCounter,
+    check_ddim_scheduler,
+    resolve_precision,
+    scheduler_signature,
+)
 from .errors import ImageError, InversionError, InversionFileError, InversionMismatchError
 from .images import MIN_SIDE, image_hash, image_to_tensor, load_image, parse_crop, prepare_image
-from .methods import METHODS, NullTextOptions, method_options, resolve_options
+from .methods import null_text_learning_rate, null_text_optimisation
 from .result import SUFFIX, Inversion
+from .source import COMMON_OPTIONS, InversionContext, InversionOutput, InvertingSource
 
 __all__ = [
-    "METHODS",
+    "COMMON_OPTIONS",
+    "DDIMMath",
     "MIN_SIDE",
     "SUFFIX",
     "ImageError",
@@ -32,7 +42,10 @@ __all__ = [
     "InversionError",
     "InversionFileError",
     "InversionMismatchError",
-    "NullTextOptions",
+    "InversionContext",
+    "InversionOutput",
+    "InvertingSource",
+    "UNetCounter",
     "cache_key",
     "check_ddim_scheduler",
     "default_cache_dir",
@@ -40,9 +53,12 @@ __all__ = [
     "image_to_tensor",
     "invert",
     "load_image",
-    "method_options",
+    "invertible_sources",
+    "inverting_source",
+    "null_text_learning_rate",
+    "null_text_optimisation",
     "parse_crop",
     "prepare_image",
-    "resolve_options",
+    "resolve_precision",
     "scheduler_signature",
 ]

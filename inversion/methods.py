@@ -1,12 +1,12 @@
-"""The inversion methods behind :func:`p2p_framework.inversion.invert`.
+"""The algorithms behind the built-in invertible sources (``plugins/inversion_sources.py``).
 
-Every method starts from the same DDIM inversion (``z_0 .. z_T``, conditional prompt only)
-and has the same call shape: ``method(job, options) -> MethodOutput``, where ``options`` is the
-method's options dataclass. What a method adds is what each editing step needs to bring the
-source row back to the photo:
+Every built-in method starts from the same DDIM inversion (``z_0 .. z_T``, conditional prompt
+only: :meth:`~p2p_framework.inversion.InversionContext.ddim_inversion`). What a method adds is
+what each editing step needs to bring the source row back to the photo:
 
 - ``ddim``: nothing (the plain baseline: unconditional text ``""``).
-- ``null-text``: one optimised unconditional embedding per step (Mokady et al. 2023).
+- ``null-text``: one optimised unconditional embedding per step (Mokady et al. 2023):
+  :func:`null_text_optimisation`.
 - ``negative-prompt``: the source prompt's own embedding as the unconditional one at every
   step, no optimisation (Miyake et al. 2023).
 - ``direct``: the inversion latents themselves, which the source row follows during the
@@ -15,113 +15,16 @@ source row back to the photo:
 
 from __future__ import annotations
 
-import dataclasses
 import math as pymath
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from p2p_framework.errors import OptionError
-
-from .ddim import PRECISIONS, DDIMMath, UNetCounter, resolve_precision
 from .errors import InversionError
 
-
-@dataclass
-class InversionJob:
-    """What a method works with (everything float32, on the model's device).
-
-    Attributes:
-        unet: counting UNet caller (float32 outputs, whatever precision the UNet runs in).
-        math: DDIM formulas of the run's scheduler (``set_timesteps`` done).
-        latents: ``z_0 .. z_T`` from DDIM inversion.
-        cond: ``(1, tokens, dim)`` embedding of the source prompt.
-        null: ``(1, tokens, dim)`` embedding of ``""``.
-        guidance: classifier-free guidance scale of the edits to come.
-        report: ``report(done_in_this_phase, info)`` progress callback.
-    """
-
-    unet: UNetCounter
-    math: DDIMMath
-    latents: list[torch.Tensor]
-    cond: torch.Tensor
-    null: torch.Tensor
-    guidance: float
-    report: Callable[[int, dict[str, Any]], None]
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.latents) - 1
-
-
-@dataclass
-class MethodOutput:
-    """What a method adds to the DDIM inversion.
-
-    Attributes:
-        uncond_embeddings: ``(T, tokens, dim)`` per-step unconditional embeddings, or None
-            for ``""`` at every step.
-        source_latents: ``(T, channels, h, w)``: the latent the source row must have after
-            denoising step ``i`` (``z_{T-1-i}``), or None.
-        steps: per outer step statistics (``inner_steps``, ``loss``).
-    """
-
-    uncond_embeddings: torch.Tensor | None = None
-    source_latents: torch.Tensor | None = None
-    steps: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """The method has no options."""
-
-
-@dataclass(frozen=True)
-class NullTextOptions:
-    """Options of null-text optimisation (defaults: the paper's).
-
-    Attributes:
-        num_inner_steps: Adam steps per diffusion step at most (10).
-        early_stop_epsilon: stop a step's optimisation once the loss is below
-            ``early_stop_epsilon + i * 2e-5`` (1e-5); a negative value never stops early.
-        reuse_cond: speed-up: advance the reconstruction with the conditional prediction
-            already computed for the step plus one unconditional pass, instead of the
-            paper's fresh batched ``[uncond, cond]`` pass (one UNet row less per step).
-        batch_cond: speed-up on GPUs: compute the step's conditional prediction in the same
-            UNet call as the first unconditional one (batch of 2).
-        unet_precision: ``auto`` (default: ``float16`` for a UNet loaded in float16, as on a
-            GPU, else ``float32``), ``float32`` (the reference: a half UNet is cast up),
-            ``bfloat16`` or ``float16``: the dtype the frozen UNet's forward and backward
-            run in (see :func:`~p2p_framework.inversion.ddim.unet_precision`); the null
-            embedding, the latents, the DDIM arithmetic, the loss and Adam stay float32.
-            ``float16`` back-propagates through the UNet with a loss scale
-            (:func:`scaled_gradient`). :func:`resolve_options` replaces ``auto`` by what it
-            means for a model; inversions record that.
-    """
-
-    num_inner_steps: int = 10
-    early_stop_epsilon: float = 1e-5
-    reuse_cond: bool = False
-    batch_cond: bool = False
-    unet_precision: str = field(default="auto", metadata={"choices": ("auto", *PRECISIONS)})
-
-
-def _ddim(job: InversionJob, options: NoOptions) -> MethodOutput:
-    return MethodOutput()
-
-
-def _negative_prompt(job: InversionJob, options: NoOptions) -> MethodOutput:
-    embeddings = job.cond.detach().expand(job.num_steps, -1, -1).clone()
-    return MethodOutput(uncond_embeddings=embeddings)
-
-
-def _direct(job: InversionJob, options: NoOptions) -> MethodOutput:
-    # After denoising step i (timestep descending) the source row is at z_{T-1-i}.
-    after = [job.latents[job.num_steps - 1 - i] for i in range(job.num_steps)]
-    return MethodOutput(source_latents=torch.cat(after).detach().clone())
+if TYPE_CHECKING:
+    from .source import InversionContext
 
 
 def null_text_learning_rate(step: int) -> float:
@@ -184,31 +87,60 @@ def scaled_gradient(
     )
 
 
-def _null_text(job: InversionJob, options: NullTextOptions) -> MethodOutput:
-    unet, math, latents = job.unet, job.math, job.latents
-    scheduler = math.scheduler
-    guidance = job.guidance
-    total = job.num_steps
+def null_text_optimisation(
+    ctx: InversionContext,
+    latents: list[torch.Tensor],
+    *,
+    num_inner_steps: int = 10,
+    early_stop_epsilon: float = 1e-5,
+    reuse_cond: bool = False,
+    batch_cond: bool = False,
+    unet_precision: str = "float32",
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Null-text optimisation (Mokady et al. 2023) along the DDIM inversion ``latents``.
+
+    For each denoising step ``i`` (timestep descending) the unconditional embedding, warm-
+    started from the previous step's (from ``""`` at the first), is optimised by Adam
+    (:func:`null_text_learning_rate`) for at most ``num_inner_steps`` steps on the MSE between
+    the guided DDIM step from the reconstruction so far and ``z_{T-1-i}``, stopping early
+    once the loss is below ``early_stop_epsilon + i * 2e-5``; the reconstruction then
+    advances with it. Progress: ``ctx.report(num_steps + i + 1, {"phase": "null-text",
+    "loss", "inner_steps"})``.
+
+    Args:
+        ctx: the inversion's context.
+        latents: ``z_0 .. z_T`` from :meth:`InversionContext.ddim_inversion`.
+        num_inner_steps, early_stop_epsilon, reuse_cond, batch_cond: see ``NullTextSource``.
+        unet_precision: the resolved precision the UNet runs in (``float16`` back-propagates
+            with a loss scale: :func:`scaled_gradient`).
+
+    Returns:
+        ``(T, tokens, dim)`` embeddings and per-step ``{"inner_steps", "loss"}``.
+    """
+    unet, math = ctx.unet, ctx.math
+    scheduler = ctx.scheduler
+    guidance = ctx.guidance
+    total = ctx.num_steps
     z_bar = latents[-1]
-    uncond = job.null.detach().clone()
+    uncond = ctx.null.detach().clone()
     embeddings: list[torch.Tensor] = []
     steps: list[dict[str, Any]] = []
     guided = guidance > 1.0  # the editing loop ignores the unconditional text otherwise
     for i, t in enumerate(scheduler.timesteps):
         target = latents[total - i - 1]
-        threshold = options.early_stop_epsilon + i * 2e-5
+        threshold = early_stop_epsilon + i * 2e-5
         inner, loss_item = 0, float("nan")
         out_cond: torch.Tensor | None = None
         uncond = uncond.detach().clone().requires_grad_(True)
-        if guided and options.num_inner_steps > 0:
+        if guided and num_inner_steps > 0:
             optimizer = torch.optim.Adam([uncond], lr=null_text_learning_rate(i))
-            if not options.batch_cond:
+            if not batch_cond:
                 with torch.no_grad():
-                    out_cond = unet(z_bar, t, job.cond)
-            for j in range(options.num_inner_steps):
+                    out_cond = unet(z_bar, t, ctx.cond)
+            for j in range(num_inner_steps):
                 with torch.enable_grad():
                     if out_cond is None:  # batch_cond: first pass also gives eps_c
-                        both = unet(torch.cat([z_bar, z_bar]), t, torch.cat([uncond, job.cond]))
+                        both = unet(torch.cat([z_bar, z_bar]), t, torch.cat([uncond, ctx.cond]))
                         out_uncond, out_cond = both[:1], both[1:].detach()
                     else:
                         out_uncond = unet(z_bar, t, uncond)
@@ -217,7 +149,7 @@ def _null_text(job: InversionJob, options: NullTextOptions) -> MethodOutput:
                     eps = eps_uncond + guidance * (eps_cond - eps_uncond)
                     reconstruction = math.prev_step(eps, t, z_bar)
                     loss = F.mse_loss(reconstruction, target)
-                    if options.unet_precision == "float16":
+                    if unet_precision == "float16":
                         grad, _ = scaled_gradient(loss, out_uncond, uncond)
                     else:
                         (grad,) = torch.autograd.grad(loss, [uncond])
@@ -231,83 +163,15 @@ def _null_text(job: InversionJob, options: NullTextOptions) -> MethodOutput:
         uncond = uncond.detach()
         embeddings.append(uncond.clone())
         with torch.no_grad():
-            if options.reuse_cond and out_cond is not None:
+            if reuse_cond and out_cond is not None:
                 out_u = unet(z_bar, t, uncond)
                 out_c = out_cond
             else:
-                both = unet(torch.cat([z_bar, z_bar]), t, torch.cat([uncond, job.cond]))
+                both = unet(torch.cat([z_bar, z_bar]), t, torch.cat([uncond, ctx.cond]))
                 out_u, out_c = both.chunk(2)
             noise = out_u + guidance * (out_c - out_u)
             z_bar = scheduler.step(noise, t, z_bar, return_dict=False)[0]
         final_loss = loss_item if not pymath.isnan(loss_item) else None
         steps.append({"inner_steps": inner, "loss": final_loss})
-        job.report(i + 1, {"phase": "null-text", "loss": final_loss, "inner_steps": inner})
-    return MethodOutput(uncond_embeddings=torch.cat(embeddings), steps=steps)
-
-
-@dataclass(frozen=True)
-class Method:
-    """One inversion method: its name, options dataclass and function."""
-
-    name: str
-    options: type
-    run: Callable[[InversionJob, Any], MethodOutput]
-    #: progress units per diffusion step after the DDIM inversion (0 or 1)
-    extra_phase: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "null-text": Method("null-text", NullTextOptions, _null_text, extra_phase=True),
-    "negative-prompt": Method("negative-prompt", NoOptions, _negative_prompt),
-    "direct": Method("direct", NoOptions, _direct),
-    "ddim": Method("ddim", NoOptions, _ddim),
-}
-
-
-def resolve_options(options: Any, model: Any) -> Any:
-    """``options`` (a method's options dataclass) with what depends on the model decided:
-    ``unet_precision="auto"`` becomes the precision it means for ``model``."""
-    if getattr(options, "unet_precision", None) == "auto":
-        precision = resolve_precision("auto", model)
-        return dataclasses.replace(options, unet_precision=precision)
-    return options
-
-
-def method_options(method: str, options: dict[str, Any]) -> Any:
-    """The checked options dataclass of ``method``.
-
-    Raises:
-        OptionError: unknown method, unknown option or bad value (naming the method).
-    """
-    if method not in METHODS:
-        raise OptionError(
-            "inversion", "method", f"unknown method {method!r}; choose from {list(METHODS)}"
-        )
-    cls = METHODS[method].options
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in options:
-        if key not in known:
-            listed = ", ".join(known) or "none"
-            raise OptionError(method, key, f"unknown option; {method} accepts: {listed}")
-    for key, value in options.items():
-        default = known[key].default
-        choices = known[key].metadata.get("choices")
-        if choices is not None:
-            if value not in choices:
-                listed = ", ".join(choices)
-                raise OptionError(method, key, f"must be one of {listed}, got {value!r}")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise OptionError(method, key, f"must be true or false, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise OptionError(method, key, f"must be a non-negative integer, got {value!r}")
-        elif isinstance(default, float):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or pymath.isnan(value)
-            ):
-                raise OptionError(method, key, f"must be a number, got {value!r}")
-            options = {**options, key: float(value)}
-    return cls(**options)
+        ctx.report(total + i + 1, {"phase": "null-text", "loss": final_loss, "inner_steps": inner})
+    return torch.cat(embeddings), steps

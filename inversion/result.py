@@ -55,7 +55,8 @@ class Inversion:
     Tensors are float32 on the CPU.
 
     Attributes:
-        method: ``null-text``, ``negative-prompt``, ``direct`` or ``ddim``.
+        method: the name of the source that made it (``null-text``, ``negative-prompt``,
+            ``direct``, ``ddim`` or a plugin's invertible source).
         prompt: the source prompt it was inverted with.
         latent: ``(1, C, h, w)`` starting latent ``z_T``.
         image_latent: ``(1, C, h, w)`` the encoded photo ``z_0``.
@@ -66,8 +67,8 @@ class Inversion:
         uncond_embeddings: ``(T, tokens, dim)`` unconditional embedding of each step, or
             None (``""`` at every step).
         source_latents: ``(T, C, h, w)`` latent of the source row after each step, or None.
-        steps: per step statistics: ``{"inner_steps": int, "loss": float | None}``
-            (null-text only).
+        steps: per step statistics of the method, e.g. null-text's
+            ``{"inner_steps": int, "loss": float | None}``.
         stats: totals: ``seconds``, ``unet_calls``, ``unet_forward_rows``,
             ``unet_backward_rows``.
         image_hash: SHA-256 of the prepared image's pixels.
@@ -115,9 +116,11 @@ class Inversion:
             "size": [self.height, self.width],
             **self.stats,
         }
-        if self.steps:
-            facts["inner_steps"] = [s.get("inner_steps") for s in self.steps]
-            facts["final_loss"] = [s.get("loss") for s in self.steps]
+        # Per-step statistics, one list per key (null-text's "loss" is "final_loss").
+        keys = dict.fromkeys(key for step in self.steps for key in step)
+        for key in keys:
+            name = "final_loss" if key == "loss" else key
+            facts[name] = [step.get(key) for step in self.steps]
         return facts
 
     def check(
@@ -134,8 +137,9 @@ class Inversion:
     ) -> None:
         """Refuse to use this inversion for a run it was not made for.
 
-        Only the given arguments are checked. ``guidance`` matters only for ``null-text``
-        (its embeddings are optimised for one guidance scale).
+        Only the given arguments are checked. Give ``guidance`` only for a method whose
+        inversion depends on it (``InvertingSource.guidance_specific``: null-text, whose
+        embeddings are optimised for one guidance scale, or fixed-point).
 
         Raises:
             InversionMismatchError: listing every mismatch.
@@ -169,13 +173,9 @@ class Inversion:
             )
         if prompt is not None and prompt != self.prompt:
             problems.append(f"it was inverted with prompt {self.prompt!r}, not {prompt!r}")
-        if (
-            guidance is not None
-            and self.method == "null-text"
-            and float(guidance) != float(self.guidance)
-        ):
+        if guidance is not None and float(guidance) != float(self.guidance):
             problems.append(
-                f"its null-text embeddings were optimised for guidance {self.guidance}, "
+                f"its {self.method} inversion was made for guidance {self.guidance}, "
                 f"the run uses {guidance}"
             )
         if problems:

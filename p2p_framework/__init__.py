@@ -24,7 +24,14 @@ from .outputs import attention_image, grid_image
 from .pipeline import EditJob, EditResult, EditSettings, run_edit, run_edits
 from .registry import PluginInfo, PluginRegistry, get_registry
 from .schedules import CrossReplace, StepWindow
-from .source import Source, SourceRequest, SourceStart
+from .source import (
+    Source,
+    SourceLatentGuide,
+    SourceRequest,
+    SourceStart,
+    StepGuide,
+    UncondEmbeddingGuide,
+)
 from .store import AttentionLayer, AttentionStore
 
 __version__ = "0.1.0"
@@ -54,10 +61,13 @@ __all__ = [
     "SelfReplaceRun",
     "Source",
     "SourceRequest",
+    "SourceLatentGuide",
     "SourceStart",
     "StableDiffusionModel",
     "Step",
     "StepWindow",
+    "StepGuide",
+    "UncondEmbeddingGuide",
     "attention_image",
     "get_registry",
     "grid_image",

@@ -754,8 +754,9 @@ def run_command(
     default="null-text",
     show_default=True,
     metavar="NAME",
-    help="Inversion method: null-text (the paper's, slow), negative-prompt (fast), direct "
-    "or ddim. E.g. --method negative-prompt",
+    help="Inversion method: any source that can invert (see `p2p-run plugins --kind source`): "
+    "null-text (the paper's, slow), negative-prompt (fast), direct, ddim, or a plugin's. "
+    "E.g. --method negative-prompt",
 )
 @click.option(
     "--set",
@@ -833,23 +834,20 @@ def invert_command(
       p2p-run edit --inversion cat.p2pinv --prompt "a cat sitting next to a mirror" \\
           --target "a tiger sitting next to a mirror" --blend "cat tiger"
     """
-    from .inversion import METHODS, invert
-    from .options import field_types, validate_value
+    from .inversion import invert, inverting_source
     from .runner import model_from_env
     from .spec import JobError, parse_assignments
 
     _quiet_libraries()
-    if method not in METHODS:
-        raise JobError(f"unknown inversion method {method!r}; choose from {', '.join(METHODS)}")
-    types = field_types(METHODS[method].options)
     options: dict[str, Any] = {}
     for plugin, key, value in parse_assignments(list(assignments)):
         if plugin != method:
             raise JobError(f"--set {plugin}.{key}: this inversion uses method {method!r}")
-        if key not in types:
-            listed = ", ".join(types) or "none"
-            raise JobError(f"--set {plugin}.{key}: unknown option; {method} accepts: {listed}")
-        options[key] = validate_value(method, key, types[key], value)
+        options[key] = value  # text, read by the option's type as for `edit --set`
+    # The source, its options validated, before the model loads (one code path: invert()).
+    source = inverting_source(
+        method, options, image_label=str(image), crop=crop, registry=_registry()
+    )
     out = out if out is not None else Path(f"{image.stem}.{method}.p2pinv")
     from .outputs import prepare_output_dir
 
@@ -867,14 +865,12 @@ def invert_command(
             loaded,
             image,
             prompt,
-            method,
+            source,
             num_steps=steps,
             guidance=guidance,
             height=height,
             width=width,
-            crop=crop,
             progress=progress,
-            **options,
         )
     path = inversion.save(out)
     _log(f"Wrote {path} in {inversion.stats.get('seconds', 0):.1f} s")

@@ -27,7 +27,7 @@ from .errors import OptionError, P2PError, PromptError
 from .model import StableDiffusionModel
 from .options import validate_fields
 from .schedules import OWNER, CrossReplace, StepWindow, cross_replace_table, self_replace_window
-from .source import Source, SourceRequest, SourceStart
+from .source import Source, SourceRequest, SourceStart, StepGuide
 from .store import AttentionStore
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
@@ -343,9 +343,10 @@ def iter_edits(
 
     Jobs share a batch when their :func:`batch_key` is equal, in their given order, up to
     ``max_batch_rows`` UNet rows (:func:`unet_rows`). Within a batch every job keeps its own
-    scheduler, attention controller (edits, schedules, store), starting latent, per-step
-    unconditional embeddings and source latents, and its edits' ``after_step`` sees only its
-    own rows; its result equals what :func:`run_edit` gives for it alone, up to float rounding
+    scheduler, attention controller (edits, schedules, store), starting latent and source
+    :class:`~p2p_framework.source.StepGuide` (per-step unconditional embedding, latent
+    corrections), and its guide's and edits' ``after_step`` see only its own rows; its
+    result equals what :func:`run_edit` gives for it alone, up to float rounding
     of the larger UNet batch.
 
     Args:
@@ -502,6 +503,15 @@ def _run_batch(
         )
 
 
+def _uncond_embedding(
+    guide: StepGuide | None, step: int, empty: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The ``(1, tokens, dim)`` unconditional embedding a job's source asks for at ``step``,
+    else ``empty`` (the embedding of ``""``)."""
+    embedding = guide.uncond_embedding(step) if guide is not None else None
+    return empty if embedding is None else embedding
+
+
 @torch.no_grad()
 def _denoise(
     model: StableDiffusionModel,
@@ -515,7 +525,10 @@ def _denoise(
 
     The UNet batch is ``[uncond rows of job 0, of job 1, ..., cond rows of job 0, ...]`` (one
     pass), or the two halves as two calls with ``separate_uncond_pass``, or the cond rows alone
-    without guidance. Each job steps its own scheduler on its own rows.
+    without guidance. Each job steps its own scheduler on its own rows. A job's source guide
+    (``SourceStart.guide``, a :class:`~p2p_framework.source.StepGuide`) gives the ``(1, tokens,
+    dim)`` unconditional embedding of its rows at each step (None: ``""``) and corrects its
+    ``(prompts, C, h, w)`` latents after ``scheduler.step``, before the edits' ``after_step``.
 
     Returns:
         Per job, its ``(prompts, channels, height, width)`` final latents.
@@ -546,12 +559,8 @@ def _denoise(
                 [job.scheduler.scale_model_input(x, t) for job, x in zip(jobs, latents)]
             )
             if guided:
-                nulls = [
-                    empty
-                    if job.start.uncond_embeddings is None
-                    else job.start.uncond_embeddings[step]
-                    for job in jobs
-                ]
+                # Each job's source may give its own unconditional embedding per step.
+                nulls = [_uncond_embedding(job.start.guide, step, empty) for job in jobs]
                 uncond = torch.cat(
                     [
                         null.to(device=device, dtype=dtype).expand(len(job.prompts), -1, -1)
@@ -581,8 +590,8 @@ def _denoise(
                 x = job.scheduler.step(
                     noise, t, latents[index], **step_kwargs[index], return_dict=False
                 )[0]
-                if job.start.source_latents is not None:
-                    x[:1] = job.start.source_latents[step].to(x)
+                if job.start.guide is not None:
+                    x = job.start.guide.after_step(x, step)
                 if index not in group.errors:
                     try:
                         for edit_run in job.runs:

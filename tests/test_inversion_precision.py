@@ -58,7 +58,7 @@ def _psnr(a: Image.Image, b: Image.Image) -> float:
 # --------------------------------------------------------------------------- the option
 
 
-BAD_PRECISION = "null-text: unet_precision: (must be one of|input should be)"
+BAD_PRECISION = "null-text: unet_precision: (must be one of|input should be|expected)"
 
 
 def test_bad_precisions_are_refused(model, photo: Path) -> None:
