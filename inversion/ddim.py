@@ -215,6 +215,8 @@ class DDIMMath:
         self.final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod).float()
         self.ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        #: the last training timestep (999 for SD), the cap of an inversion step's level
+        self.last_timestep = scheduler.config.num_train_timesteps - 1
 
     def alpha(self, timestep: int) -> torch.Tensor:
         """``alphas_cumprod[timestep]``, or the final alpha for a negative timestep."""
@@ -235,7 +237,7 @@ class DDIMMath:
         """One inversion step: from level ``t - ratio`` up to level ``t`` (paper's
         ``next_step``)."""
         t_next = int(t)
-        t_cur = min(t_next - self.ratio, 999)
+        t_cur = min(t_next - self.ratio, self.last_timestep)
         a_cur = self.alpha(t_cur).to(sample.device)
         a_next = self.alpha(t_next).to(sample.device)
         x0 = (sample - (1 - a_cur) ** 0.5 * eps) / a_cur**0.5
