@@ -45,8 +45,8 @@ def registry() -> PluginRegistry:
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Image.Image]:
     """A demo scene the demo model never generated (as tests/test_inversion_precision.py)."""
-    from p2p_framework.demo import edit_quality as eq
     from p2p_framework.demo.shapes import render
+    from tools.demo_model import edit_quality as eq
 
     case = eq.sample_photo_cases(1)[0]
     image, _ = render(case.scene, size=64)
