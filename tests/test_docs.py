@@ -59,3 +59,35 @@ def test_documented_plugin_options_exist():
     options = {o.name for p in PluginRegistry(entry_points=False).plugins() for o in p.options}
     for name in re.findall(r"`--set [a-z][a-z-]*\.([a-z_]+)=", text):
         assert name in options, name
+
+
+def test_per_step_protocol_signatures_are_the_codes():
+    """The protocol block of docs/hooks.md names only methods that exist, with their
+    parameter names in order."""
+    from p2p_framework import Edit, EditRun, Source, StepGuide
+    from p2p_framework.inversion import InvertingSource
+
+    classes = {
+        "Edit": Edit,
+        "EditRun": EditRun,
+        "Source": Source,
+        "StepGuide": StepGuide,
+        "InvertingSource": InvertingSource,
+    }
+    reference = (ROOT / "docs" / "hooks.md").read_text()
+    block = reference[reference.index("## The per-step protocol") :]
+    current = None
+    checked = 0
+    for line in block.splitlines():
+        header = re.match(r"class (\w+)", line)
+        if header:
+            current = classes[header.group(1)]
+            continue
+        method = re.match(r"\s+def (\w+)\(([^)]*)\)", line)
+        if method and current is not None:
+            name, params = method.groups()
+            documented = [p.split(":")[0].strip() for p in params.split(",") if p.strip()]
+            actual = list(inspect.signature(getattr(current, name)).parameters)
+            assert documented == actual, f"{current.__name__}.{name}: {documented} != {actual}"
+            checked += 1
+    assert checked >= 10
