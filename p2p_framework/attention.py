@@ -369,7 +369,8 @@ class AttentionController(ProcessorInstaller):
             return True
         if layer.is_cross:
             return self._cross_injecting()
-        return bool(self._self_editors(layer))
+        step = self._asked_step
+        return any(run.uses_self_attention(layer, step) for run in self.runs)
 
     def attend(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
         """Edit and record one layer call's probabilities.

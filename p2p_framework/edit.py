@@ -107,11 +107,6 @@ class RunContext:
         """Token positions of ``word`` in prompt ``prompt_index``; empty when it is not there."""
         return word_positions(self.tokenizer, self.prompts[prompt_index], word)
 
-    def step_table(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` (one row per step, ``(num_steps, ...)``) on the run's device, for
-        :meth:`at_step`."""
-        return values.to(self.device)
-
     @staticmethod
     def at_step(table: torch.Tensor, step: Step) -> torch.Tensor:
         """``table[step]`` for an int step, or read on the device for a ``(1,)`` step tensor
