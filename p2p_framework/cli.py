@@ -21,7 +21,8 @@ from typing import Any
 
 import click
 
-from .errors import P2PError
+from .cpu_threads import THREADS_ENV
+from .errors import OptionError, P2PError
 from .model import DTYPES
 from .runner import AUTO_BATCH_ROWS, MODEL_ENV
 from .spec import SHORTCUTS
@@ -202,8 +203,17 @@ _MODEL_DEFAULTS = {
 }
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from .cpu_threads import use_threads
+
+    try:
+        return use_threads(value)
+    except OptionError as error:
+        raise click.BadParameter(error.message, ctx, param) from None
+
+
 def _model_options(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--model --revision --device --dtype --compile/--no-compile``, declared once; in
+    """``--model --revision --device --dtype --compile/--no-compile --threads``, declared once; in
     ``scope`` ``run`` they have defaults, elsewhere None means "as recorded / as the file"."""
     auto = {"default": "auto", "show_default": True} if scope == "run" else {}
 
@@ -222,6 +232,19 @@ def _model_options(scope: str) -> Callable[[Callable[..., Any]], Callable[..., A
         click.option("--device", help=text("device"), **auto),
         click.option("--dtype", type=click.Choice(DTYPES), help=text("dtype"), **auto),
         click.option("--compile/--no-compile", "compile_unet", default=None, help=text("compile")),
+        click.option(
+            "--threads",
+            envvar=THREADS_ENV,
+            show_envvar=True,
+            default="auto",
+            show_default=True,
+            metavar="N|auto",
+            expose_value=False,
+            callback=_set_threads,
+            help="CPU threads for PyTorch; auto takes the cores no other process is busy on "
+            "(all of them on an idle machine). Another job on the same cores slows a run "
+            "tenfold unless this leaves them out. E.g. --threads 1",
+        ),
     ]
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -377,6 +400,8 @@ def _describe(spec: Any) -> str:
 
 
 def _load_model(name: str, **kwargs: Any) -> Any:
+    import torch
+
     from .model import load_model
     from .outputs import dtype_name
 
@@ -384,7 +409,8 @@ def _load_model(name: str, **kwargs: Any) -> Any:
     began = time.perf_counter()
     model = load_model(name, **kwargs)
     seconds = time.perf_counter() - began
-    _log(f"Loaded in {seconds:.1f} s on {model.device} ({dtype_name(model.dtype)})")
+    threads = f", {torch.get_num_threads()} CPU threads" if model.device.type == "cpu" else ""
+    _log(f"Loaded in {seconds:.1f} s on {model.device} ({dtype_name(model.dtype)}{threads})")
     if model.compiled:
         _log(
             f"torch.compile ({model.compile_mode}): the first UNet calls compile, which takes "
