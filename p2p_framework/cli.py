@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from .errors import P2PError
+from .errors import P2PError, PluginRunError
 from .model import DTYPES
 from .runner import AUTO_BATCH_ROWS, MODEL_ENV
 from .spec import SHORTCUTS
@@ -105,6 +105,12 @@ class P2PGroup(click.Group):
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("Interrupted; no half-written file was left.", err=True)
             code = EXIT_INTERRUPTED
+        except PluginRunError as error:  # a plugin's bug: name it; exit 1 like a failed job
+            if _state.debug:
+                traceback.print_exc()
+            hint = "" if _state.debug else " (run with --debug for the traceback)"
+            click.echo(f"Error: {_one_line(str(error))}{hint}", err=True)
+            code = EXIT_FAILED
         except P2PError as error:
             if _state.debug:
                 traceback.print_exc()

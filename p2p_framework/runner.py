@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import P2PError
+from .errors import P2PError, PluginRunError
 from .model import load_model
 from .outputs import prepare_output_dir, write_run
 from .pipeline import EditJob, iter_edits, run_edit
@@ -176,6 +176,10 @@ def run_job(
             settings=spec.settings,
             progress=progress,
         )
+    except PluginRunError as error:
+        error.resolve(registry)  # the plugin's registered name and package
+        started.discard()
+        raise
     except BaseException:
         started.discard()  # leave no empty folder behind a run that wrote nothing
         raise
@@ -192,12 +196,18 @@ class JobOutcome:
     paths: list[Path] = field(default_factory=list)
     error: str | None = None
     out: Path | None = None
+    plugin: dict[str, Any] | None = None
 
     def as_line(self) -> dict[str, Any]:
-        """The JSON object ``p2p-run run --json`` prints for this job."""
+        """The JSON object ``p2p-run run --json`` prints for this job: its run record, or
+        ``{"name", "status": "failed", "error", "out"}`` plus ``"plugin"`` (name, kind,
+        package, version, hook, exception) when a plugin's code raised."""
         if self.ok and self.record is not None:
             return {**self.record, "name": self.name, "out": str(self.out)}
-        return {"name": self.name, "status": "failed", "error": self.error, "out": str(self.out)}
+        line = {"name": self.name, "status": "failed", "error": self.error, "out": str(self.out)}
+        if self.plugin is not None:
+            line["plugin"] = self.plugin
+        return line
 
 
 def _error_text(error: BaseException) -> str:
@@ -232,7 +242,13 @@ def _relabel(names: list[str], progress: Callable[[str], Progress | None] | None
 class _PipelineRun:
     """The state of one :func:`run_pipeline` call: the started jobs and their outcomes."""
 
-    def __init__(self, pipeline: Pipeline, on_done: Callable[[JobOutcome], None] | None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        on_done: Callable[[JobOutcome], None] | None,
+        registry: PluginRegistry,
+    ) -> None:
+        self.registry = registry
         self.outcomes = [JobOutcome(pipeline.job_name(i)) for i in range(len(pipeline.jobs))]
         self.started: dict[int, _Started] = {}
         self.pending: set[int] = set()
@@ -240,6 +256,8 @@ class _PipelineRun:
 
     def finish(self, index: int, error: BaseException | None = None) -> None:
         if error is not None:
+            if isinstance(error, PluginRunError):
+                self.outcomes[index].plugin = error.resolve(self.registry).as_json()
             self.outcomes[index].error = _error_text(error)
             if index in self.started:
                 self.started[index].discard()
@@ -268,8 +286,11 @@ def run_pipeline(
     warn: Callable[[str], None] | None = None,
     max_batch_rows: int | str | None = 1,
 ) -> list[JobOutcome]:
-    """Run every job of a pipeline; a failing job (a :class:`P2PError` or ``OSError``) is
-    recorded and the others run. Other exceptions (bugs) propagate.
+    """Run every job of a pipeline; a failing job is recorded and the others run. A job fails
+    alone on a :class:`P2PError` or ``OSError``, and on any exception of its plugins' code
+    (edits, sources, guides: a :class:`~p2p_framework.errors.PluginRunError` naming the
+    plugin) or of its own setup. Errors of a whole batch (the UNet, out of memory) and
+    ``KeyboardInterrupt`` propagate.
 
     First every job is resolved (its plugins built) and its output folder checked (a job
     that fails there is done with). Then, model by model (in the order the file first names
@@ -294,7 +315,7 @@ def run_pipeline(
     """
     registry = registry if registry is not None else get_registry()
     models = models if models is not None else ModelCache()
-    run = _PipelineRun(pipeline, on_done)
+    run = _PipelineRun(pipeline, on_done, registry)
     total = len(pipeline.jobs)
     for index in range(total):
         if on_start is not None:
