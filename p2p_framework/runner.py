@@ -4,7 +4,6 @@ lifecycle, one run (:func:`run_job`) and a pipeline file's jobs in UNet batches
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,10 +13,11 @@ from typing import Any
 
 from .errors import P2PError, PluginRunError
 from .model import load_model
-from .outputs import prepare_output_dir, write_run
+from .outputs import RunFolder, write_run
 from .pipeline import EditJob, iter_edits, run_edit
 from .pipeline_file import Pipeline, pipeline_job_spec
 from .registry import PluginRegistry, get_registry
+from .signals import raise_pending
 from .spec import JobError, RunSpec
 
 #: Environment variable naming the model when ``--model`` (or a pipeline's ``model``) is absent.
@@ -73,6 +73,7 @@ class ModelCache:
             compile=spec.compile,
         )
         self.loads += 1
+        raise_pending()  # a Ctrl-C swallowed while loading (in a __del__) ends the run here
         self._models[key] = model
         while len(self._models) > self._size:
             self._models.pop(next(iter(self._models)))
@@ -95,27 +96,33 @@ def model_changed(spec: RunSpec, model: Any) -> str | None:
 
 @dataclass
 class _Started:
-    """A run whose output folder is ready, before its files are written."""
+    """A run whose output folder is claimed (:class:`~p2p_framework.outputs.RunFolder`),
+    before its files are written."""
 
     spec: RunSpec
-    out: Path
-    existed: bool
+    folder: RunFolder
     began: float = field(default_factory=time.perf_counter)
 
+    @property
+    def out(self) -> Path:
+        """The output folder."""
+        return self.folder.target
+
     @classmethod
-    def begin(cls, spec: RunSpec, out_dir: str | os.PathLike[str] | None) -> _Started:
-        """Check (and create) the output folder."""
+    def begin(
+        cls, spec: RunSpec, out_dir: str | os.PathLike[str] | None, overwrite: bool = False
+    ) -> _Started:
+        """Claim the output folder: lock it, check it holds no other run (unless
+        ``overwrite``) and stage it."""
         target = out_dir if out_dir is not None else spec.out
         if target is None:
             raise JobError("no output folder given (--out)")
-        existed = Path(target).exists()
-        return cls(spec, prepare_output_dir(target), existed)
+        return cls(spec, RunFolder.claim(target, overwrite=overwrite))
 
     def discard(self) -> None:
-        """Remove the output folder if this run created it and wrote nothing into it."""
-        if not self.existed:
-            with contextlib.suppress(OSError):
-                self.out.rmdir()
+        """Give the output folder up: nothing of this run appears, an earlier run there
+        stays as it was."""
+        self.folder.abort()
 
     def finish(
         self,
@@ -133,7 +140,7 @@ class _Started:
         began = self.began if elapsed is None else time.perf_counter() - elapsed
         return write_run(
             result,
-            self.out,
+            self.folder,
             model,
             mode=self.spec.mode,
             save_attention=self.spec.save_attention,
@@ -154,15 +161,18 @@ def run_job(
     progress: Progress | None = None,
     command: Sequence[str] | None = None,
     warn: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Run one spec and write its files (see :func:`p2p_framework.outputs.write_run`): the
-    output folder is checked first, then the model is loaded (or taken from ``models``).
+    output folder is claimed first (:class:`~p2p_framework.outputs.RunFolder`: refused if
+    it holds another run, unless ``overwrite``), then the model is loaded (or taken from
+    ``models``). The files appear together when the run is done, or not at all.
 
     Returns:
         ``(record, paths)``: the ``run.json`` record and the files written.
     """
     registry = registry if registry is not None else get_registry()
-    started = _Started.begin(spec, out_dir)
+    started = _Started.begin(spec, out_dir, overwrite)
     try:
         model, load_seconds = (models or ModelCache()).get(spec)
         changed = model_changed(spec, model) if warn is not None else None
@@ -181,7 +191,7 @@ def run_job(
         started.discard()
         raise
     except BaseException:
-        started.discard()  # leave no empty folder behind a run that wrote nothing
+        started.discard()  # nothing of this run appears; an earlier run there stays whole
         raise
     return started.finish(result, model, load_seconds, registry=registry, command=command)
 
@@ -285,6 +295,7 @@ def run_pipeline(
     command: Sequence[str] | None = None,
     warn: Callable[[str], None] | None = None,
     max_batch_rows: int | str | None = 1,
+    overwrite: bool = False,
 ) -> list[JobOutcome]:
     """Run every job of a pipeline; a failing job is recorded and the others run. A job fails
     alone on a :class:`P2PError` or ``OSError``, and on any exception of its plugins' code
@@ -309,6 +320,8 @@ def run_pipeline(
         max_batch_rows: most UNet rows per batch (a job of ``P`` prompts takes ``2 P`` with
             guidance); 1 runs the jobs one at a time (as ``p2p-run edit`` would); None: no
             limit; ``"auto"``: :data:`AUTO_BATCH_ROWS` for the model's device.
+        overwrite: replace job folders that hold an earlier run; without it such a job
+            fails (its folder untouched) and the others run.
 
     Returns:
         The outcomes, in the file's job order.
@@ -325,7 +338,7 @@ def run_pipeline(
                 pipeline, index, registry, overrides=overrides, out_root=out_root
             )
             run.outcomes[index].out = Path(spec.out) if spec.out else None
-            run.started[index] = _Started.begin(spec, None)
+            run.started[index] = _Started.begin(spec, None, overwrite)
             run.pending.add(index)
         except (P2PError, OSError) as error:
             run.finish(index, error)
@@ -335,7 +348,7 @@ def run_pipeline(
                 run, indices, models, registry, progress, command, warn, max_batch_rows
             )
     finally:
-        for index in run.pending:  # interrupted: leave no empty folder behind
+        for index in run.pending:  # interrupted: nothing of the unfinished jobs appears
             run.started[index].discard()
     return run.outcomes
 
