@@ -313,20 +313,17 @@ def test_pipeline_jobs_refuse_their_folders_holding_runs(faulty, tiny_model_dir,
     before = snapshot(out)
     again = faulty("run", path, "--out", out, "--json")
     assert again.exit_code == 1
-    lines = [json.loads(line) for line in again.stdout.splitlines()]
-    assert [r["status"] for r in lines] == ["failed"] * 3
+    lines = {r["name"]: r for r in map(json.loads, again.stdout.splitlines())}
+    assert [r["status"] for r in lines.values()] == ["failed"] * 3
     # The finished jobs are refused (their runs kept); the failed one, which left nothing,
     # runs again: running a file again resumes it.
-    for line in (lines[0], lines[2]):
-        assert "holds another run (run.json); pass --overwrite" in line["error"]
-    assert "plugin 'explode'" in lines[1]["error"]
+    for name in ("ok1", "ok2"):
+        assert "holds another run (run.json); pass --overwrite" in lines[name]["error"]
+    assert "plugin 'explode'" in lines["boom"]["error"]
     assert snapshot(out) == before
     replaced = faulty("run", path, "--out", out, "--overwrite", "--json")
-    assert [json.loads(line)["status"] for line in replaced.stdout.splitlines()] == [
-        "ok",
-        "failed",
-        "ok",
-    ]
+    status = {r["name"]: r["status"] for r in map(json.loads, replaced.stdout.splitlines())}
+    assert status == {"ok1": "ok", "boom": "failed", "ok2": "ok"}
     assert sorted(p.name for p in out.iterdir()) == ["ok1", "ok2"]
 
 
