@@ -342,14 +342,23 @@ def _argv() -> list[str]:
     return ["p2p-run", *root.meta.get("p2p.argv", [])]
 
 
-def _default_out(mode: str) -> Path:
+def _default_out(mode: str) -> Any:
+    """Claim a new ``p2p-out/MODE-DATE-TIME`` folder (``-2``, ``-3``... when it exists or
+    another run started in the same second has claimed it)."""
+    from .outputs import OutputError, RunFolder
+
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("p2p-out") / f"{mode}-{stamp}"
     candidate, n = base, 1
-    while candidate.exists():
+    while True:
+        if not candidate.exists():
+            try:
+                return RunFolder.claim(candidate)
+            except OutputError:
+                if n > 100:
+                    raise
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 @contextlib.contextmanager
@@ -424,25 +433,31 @@ def _execute(spec: Any, out: Path | None, as_json: bool, overwrite: bool = False
     _quiet_libraries()
     registry = _registry()
     _warn_broken_plugins(registry)
-    out = out if out is not None else _default_out(spec.mode)
     model_name = model_from_env(spec.model)
 
     def loader(name: str, **kwargs: Any) -> Any:
         return _load_model(name, **kwargs)
 
     spec.model = model_name
-    _log(f"Running {spec.mode}: {_describe(spec)}")
-    with _progress(spec.mode) as progress:
-        record, paths = run_job(
-            spec,
-            out,
-            registry=registry,
-            models=ModelCache(loader),
-            progress=progress,
-            command=_argv(),
-            warn=_warn,
-            overwrite=overwrite,
-        )
+    target = out if out is not None else _default_out(spec.mode)
+    try:
+        _log(f"Running {spec.mode}: {_describe(spec)}")
+        with _progress(spec.mode) as progress:
+            record, paths = run_job(
+                spec,
+                target,
+                registry=registry,
+                models=ModelCache(loader),
+                progress=progress,
+                command=_argv(),
+                warn=_warn,
+                overwrite=overwrite,
+            )
+    except BaseException:
+        if not isinstance(target, Path):  # the default folder claimed above: give it up
+            target.abort()
+        raise
+    out = getattr(target, "target", target)
     _log(f"Wrote {len(paths)} files to {out} in {record['timings'].get('total', 0):.1f} s")
     if as_json:
         click.echo(json.dumps(record, ensure_ascii=False))

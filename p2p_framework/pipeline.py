@@ -28,6 +28,7 @@ from .errors import OptionError, P2PError, PluginRunError, PromptError
 from .model import StableDiffusionModel
 from .options import validate_fields
 from .schedules import OWNER, CrossReplace, StepWindow, cross_replace_table, self_replace_window
+from .signals import raise_pending
 from .source import Source, SourceRequest, SourceStart, StepGuide
 from .store import AttentionStore
 
@@ -305,6 +306,7 @@ def _prepare_job(
         )
     )
     timings = {"source": time.perf_counter() - began}
+    raise_pending()  # a signal swallowed during the source's work (an inversion) ends it here
     return _PreparedJob(
         index,
         prompts,
@@ -677,6 +679,7 @@ def _denoise(
                         group.errors[index] = error
                 latents[index] = x
             check_errors()
+            raise_pending()  # a Ctrl-C/SIGTERM swallowed (in a __del__) ends the run here
             if progress is not None:
                 progress(step + 1, len(timesteps), {"phase": "denoise", "jobs": batch})
     return latents

@@ -110,13 +110,18 @@ class _Started:
 
     @classmethod
     def begin(
-        cls, spec: RunSpec, out_dir: str | os.PathLike[str] | None, overwrite: bool = False
+        cls,
+        spec: RunSpec,
+        out_dir: str | os.PathLike[str] | RunFolder | None,
+        overwrite: bool = False,
     ) -> _Started:
         """Claim the output folder: lock it, check it holds no other run (unless
         ``overwrite``) and stage it."""
         target = out_dir if out_dir is not None else spec.out
         if target is None:
             raise JobError("no output folder given (--out)")
+        if isinstance(target, RunFolder):
+            return cls(spec, target)
         return cls(spec, RunFolder.claim(target, overwrite=overwrite))
 
     def discard(self) -> None:
@@ -154,7 +159,7 @@ class _Started:
 
 def run_job(
     spec: RunSpec,
-    out_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | RunFolder | None = None,
     *,
     registry: PluginRegistry | None = None,
     models: ModelCache | None = None,
@@ -167,6 +172,7 @@ def run_job(
     output folder is claimed first (:class:`~p2p_framework.outputs.RunFolder`: refused if
     it holds another run, unless ``overwrite``), then the model is loaded (or taken from
     ``models``). The files appear together when the run is done, or not at all.
+    ``out_dir`` may be a :class:`~p2p_framework.outputs.RunFolder` claimed already.
 
     Returns:
         ``(record, paths)``: the ``run.json`` record and the files written.

@@ -407,3 +407,32 @@ def test_rerun_from_another_folder_finds_relative_paths(
         assert again.exit_code == 0, again.output
         for name in ("source.png", "target-1.png"):
             assert (b / made.name / name).read_bytes() == (made / name).read_bytes()
+
+
+def test_default_folders_of_runs_started_in_one_second_differ(
+    faulty, tiny_model_dir, tmp_path, monkeypatch
+):
+    import datetime
+
+    import p2p_framework.cli as cli_module
+    from p2p_framework.outputs import RunFolder
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Frozen:
+            return cls(2026, 12, 1, 12, 0, 0)
+
+    monkeypatch.setattr(cli_module.datetime, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    running = RunFolder.claim(Path("p2p-out/edit-20261201-120000"))  # another run, same second
+    try:
+        args = [
+            a for a in edit(tiny_model_dir, Path("unused")) if str(a) not in ("--out", "unused")
+        ]
+        result = faulty(*args)
+        assert result.exit_code == 0, result.output
+    finally:
+        running.abort()
+    made = tmp_path / "p2p-out" / "edit-20261201-120000-2"
+    assert (made / "run.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "p2p-out").iterdir()) == [made.name]
