@@ -16,7 +16,14 @@ Plugin authors subclass :class:`Edit` or :class:`Source` and register them with
 
 from .attention import AttentionController, ControlledAttnProcessor
 from .edit import Edit, EditRun, PromptToPromptEdit, RunContext, SelfReplaceRun, Step
-from .errors import ModelLoadError, OptionError, P2PError, PluginError, PromptError
+from .errors import (
+    ModelLoadError,
+    OptionError,
+    P2PError,
+    PluginError,
+    PluginRunError,
+    PromptError,
+)
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
 from .options import OptionInfo, Plugin
@@ -53,6 +60,7 @@ __all__ = [
     "P2PError",
     "Plugin",
     "PluginError",
+    "PluginRunError",
     "PluginInfo",
     "PluginRegistry",
     "PromptError",
