@@ -16,7 +16,15 @@ Plugin authors subclass :class:`Edit` or :class:`Source` and register them with
 
 from .attention import AttentionController, ControlledAttnProcessor
 from .edit import Edit, EditRun, PromptToPromptEdit, RunContext, SelfReplaceRun, Step
-from .errors import ModelLoadError, OptionError, P2PError, PluginError, PromptError
+from .errors import (
+    ModelLoadError,
+    NumericalError,
+    OptionError,
+    P2PError,
+    P2PWarning,
+    PluginError,
+    PromptError,
+)
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
 from .options import OptionInfo, Plugin
@@ -48,9 +56,11 @@ __all__ = [
     "EditResult",
     "EditSettings",
     "ModelLoadError",
+    "NumericalError",
     "OptionError",
     "OptionInfo",
     "P2PError",
+    "P2PWarning",
     "Plugin",
     "PluginError",
     "PluginInfo",

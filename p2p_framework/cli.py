@@ -15,13 +15,14 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import P2PError
+from .errors import P2PError, P2PWarning
 from .model import DTYPES
 from .runner import AUTO_BATCH_ROWS, MODEL_ENV
 from .spec import SHORTCUTS
@@ -88,9 +89,21 @@ class P2PGroup(click.Group):
         args = list(sys.argv[1:] if args is None else args)
         _state.debug = _state.quiet = False
         try:
-            result = super().main(
-                args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
-            )
+            with warnings.catch_warnings():
+                # Each P2PWarning (every time, not once per place) as one "Warning:" line.
+                warnings.simplefilter("always", P2PWarning)
+                shown = warnings.showwarning
+
+                def show(message: Any, category: Any, *rest: Any, **kwargs: Any) -> None:
+                    if issubclass(category, P2PWarning):
+                        _warn(_one_line(str(message)))
+                    else:
+                        shown(message, category, *rest, **kwargs)
+
+                warnings.showwarning = show
+                result = super().main(
+                    args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
+                )
             code = result if isinstance(result, int) else 0
         except click.exceptions.NoArgsIsHelpError as error:
             click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
@@ -393,6 +406,23 @@ def _load_model(name: str, **kwargs: Any) -> Any:
     return model
 
 
+def _preflight(
+    model: str,
+    prompts: list[str],
+    steps: int,
+    height: int | None,
+    width: int | None,
+    job: str | None = None,
+) -> None:
+    """Check the run against a local model folder's configs before the model loads (a bad
+    value ends here, exit 2) and print the warnings (words the model does not know)."""
+    from .preflight import check_before_load
+
+    warnings = check_before_load(model, prompts, steps=steps, height=height, width=width)
+    for warning in warnings:
+        _warn(f"job {job!r}: {warning}" if job else warning)
+
+
 def _execute(spec: Any, out: Path | None, as_json: bool) -> None:
     from .runner import ModelCache, model_from_env, run_job
 
@@ -406,6 +436,8 @@ def _execute(spec: Any, out: Path | None, as_json: bool) -> None:
         return _load_model(name, **kwargs)
 
     spec.model = model_name
+    settings = spec.settings
+    _preflight(model_name, spec.prompts, settings.steps, settings.height, settings.width)
     _log(f"Running {spec.mode}: {_describe(spec)}")
     with _progress(spec.mode) as progress:
         record, paths = run_job(
@@ -457,9 +489,9 @@ def cli() -> None:
 @cli.command("edit")
 @click.option(
     "--prompt",
-    required=True,
     metavar="TEXT",
-    help='Source prompt (image 0). E.g. --prompt "a cat sitting next to a mirror"',
+    help="Source prompt (image 0). Required, except with --inversion, whose prompt is the "
+    'source prompt. E.g. --prompt "a cat sitting next to a mirror"',
 )
 @click.option(
     "--target",
@@ -482,7 +514,7 @@ def cli() -> None:
 @_model_options("run")
 @_verbosity
 def edit_command(
-    prompt: str, targets: tuple[str, ...], edits: tuple[str, ...], **options: Any
+    prompt: str | None, targets: tuple[str, ...], edits: tuple[str, ...], **options: Any
 ) -> None:
     """Edit an image by editing its prompt (Prompt-to-Prompt).
 
@@ -620,6 +652,29 @@ def _batch_rows(ctx: click.Context, param: click.Parameter, value: Any) -> int |
     return rows
 
 
+def _pipeline_warnings(pipeline: Any, registry: Any, options: dict[str, Any]) -> None:
+    """Each job's warnings before any model loads; a job whose check fails is left to fail
+    alone when it runs (with the same message), the others go on."""
+    from .pipeline_file import pipeline_job_spec
+    from .runner import model_from_env
+
+    overrides = {key: options[key] for key in ("model", "revision", "device", "dtype")}
+    for index in range(len(pipeline.jobs)):
+        try:
+            spec = pipeline_job_spec(pipeline, index, registry, overrides=overrides)
+            settings = spec.settings
+            _preflight(
+                model_from_env(spec.model),
+                spec.prompts,
+                settings.steps,
+                settings.height,
+                settings.width,
+                pipeline.job_name(index),
+            )
+        except (P2PError, OSError):
+            continue
+
+
 @cli.command("run")
 @click.argument("pipeline_file", type=click.Path(path_type=Path), metavar="PIPELINE.toml")
 @click.option(
@@ -681,6 +736,7 @@ def run_command(
     registry = _registry()
     _warn_broken_plugins(registry)
     pipeline = load_pipeline(pipeline_file)
+    _pipeline_warnings(pipeline, registry, options)
 
     def loader(name: str, **kwargs: Any) -> Any:
         return _load_model(name, **kwargs)
@@ -788,10 +844,14 @@ def run_command(
 @click.option(
     "--height",
     type=int,
-    help="Height in pixels. Default: the model's size. E.g. --height 512",
+    help="Height in pixels, a multiple of the model's VAE scale factor (8 for SD, 4 for the "
+    "demo model). Default: the model's size. E.g. --height 512",
 )
 @click.option(
-    "--width", type=int, help="Width in pixels. Default: the model's size. E.g. --width 512"
+    "--width",
+    type=int,
+    help="Width in pixels, a multiple of the model's VAE scale factor (as --height). "
+    "Default: the model's size. E.g. --width 512",
 )
 @click.option(
     "--out",
@@ -852,6 +912,8 @@ def invert_command(
     from .outputs import prepare_output_dir
 
     prepare_output_dir(out.parent if str(out.parent) else Path("."))
+    if steps >= 1:  # invert() itself refuses fewer, with its own message
+        _preflight(model_from_env(model), [prompt], steps, height, width)
     loaded = _load_model(
         model_from_env(model),
         device=device,
