@@ -475,9 +475,9 @@ def cli() -> None:
           --prompt "a painting of a squirrel eating a burger" \\
           --target "a painting of a lion eating a burger" \\
           --cross-replace default=1.0,lion=0.4 --blend "squirrel lion" --out out/lion
-      p2p-run generate --prompt "a cat on a mat" --seed 1
-      p2p-run invert --image cat.jpg --prompt "a cat sitting next to a mirror" \\
-          --out cat.p2pinv
+      p2p-run generate --prompt "a purple triangle on a dotted green background" --seed 1
+      p2p-run invert --model CompVis/stable-diffusion-v1-4 --image cat.jpg \\
+          --prompt "a cat sitting next to a mirror" --out cat.p2pinv
       p2p-run plugins
       p2p-run run jobs.toml --json
 
@@ -522,14 +522,15 @@ def edit_command(
     --save-attention attention.png, and run.json (everything needed to rerun it).
 
     \b
-    Examples:
-      p2p-run edit --prompt "a painting of a squirrel eating a burger" \\
-          --target "a painting of a lion eating a burger" --blend "squirrel lion"
-      p2p-run edit --prompt "a smiling bunny doll" --target "a smiling bunny doll" \\
-          --reweight smiling=5
-      p2p-run edit --prompt soup --target "pea soup with croutons" \\
-          --edit refine --reweight croutons=3
-      p2p-run edit --image cat.jpg --prompt "a cat sitting next to a mirror" \\
+    Examples (the first two on the demo model, in its words: docs/demo-model.md):
+      p2p-run edit --prompt "a red circle and a blue square on a yellow background" \\
+          --target "a red star and a blue square on a yellow background" \\
+          --blend "circle star"
+      p2p-run edit --prompt "a red circle on a yellow background" \\
+          --target "a red circle on a striped yellow background"
+      p2p-run edit --model CompVis/stable-diffusion-v1-4 --prompt soup \\
+          --target "pea soup with croutons" --edit refine --reweight croutons=3
+      p2p-run edit --model CompVis/stable-diffusion-v1-4 --inversion cat.p2pinv \\
           --target "a tiger sitting next to a mirror" --self-replace 0.5 \\
           --blend "cat tiger" --reweight tiger=2
     """
@@ -560,8 +561,9 @@ def generate_command(prompts: tuple[str, ...], **options: Any) -> None:
     is what the model makes for that prompt and seed on its own.
 
     \b
-    Example:
-      p2p-run generate --prompt "a cat on a mat" --prompt "a dog on a mat" --seed 1
+    Example (demo model):
+      p2p-run generate --prompt "a red circle on a blue background" \\
+          --prompt "a red square on a blue background" --seed 1
     """
     from .spec import spec_from_job
 
@@ -890,9 +892,13 @@ def invert_command(
 
     \b
     Example:
-      p2p-run invert --image cat.jpg --prompt "a cat sitting next to a mirror" --out cat.p2pinv
-      p2p-run edit --inversion cat.p2pinv --prompt "a cat sitting next to a mirror" \\
+      p2p-run invert --model CompVis/stable-diffusion-v1-4 --image cat.jpg \\
+          --prompt "a cat sitting next to a mirror" --out cat.p2pinv
+      p2p-run edit --model CompVis/stable-diffusion-v1-4 --inversion cat.p2pinv \\
           --target "a tiger sitting next to a mirror" --blend "cat tiger"
+
+    Photos need real weights: the demo model's VAE cannot represent them (a warning gives
+    the round trip's dB).
     """
     from .inversion import invert, inverting_source
     from .runner import model_from_env
