@@ -311,8 +311,16 @@ class InvertingSource(Source):
         _check_settings(num_steps, guidance)
         if not isinstance(prompt, str) or not prompt.strip():
             raise OptionError("inversion", "prompt", "the source prompt must not be empty")
-        height = height or model.default_size
-        width = width or model.default_size
+        if num_steps > model.max_steps:
+            raise OptionError(
+                "inversion",
+                "num_steps",
+                f"must be at most {model.max_steps} (this model's scheduler was trained with "
+                f"{model.max_steps} timesteps), got {num_steps}",
+            )
+        # None means the model's size; 0 is refused by latent_size, not replaced.
+        height = model.default_size if height is None else height
+        width = model.default_size if width is None else width
         model.latent_size(height, width)  # checks divisibility
         crop = parse_crop(self.crop)
         if isinstance(image, torch.Tensor):

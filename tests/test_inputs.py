@@ -458,3 +458,16 @@ def test_a_model_without_unet_names_the_missing_subfolder(tiny_model_dir, tmp_pa
     shutil.rmtree(copy / "unet")
     with pytest.raises(ModelLoadError, match=r"has no unet/ subfolder"):
         load_model(copy, device="cpu")
+
+
+def test_invert_refuses_too_many_steps_and_a_zero_size(tiny_model, tmp_path):
+    from p2p_framework.inversion import invert
+    from p2p_framework.plugins.inversion_sources import DDIMSource
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(photo)
+    source = DDIMSource(image=str(photo))
+    with pytest.raises(OptionError, match=r"^inversion: num_steps: must be at most 1000"):
+        invert(tiny_model, photo, "a cat", source, num_steps=1001)
+    with pytest.raises(OptionError, match=r"^pipeline: height: must be a positive multiple"):
+        invert(tiny_model, photo, "a cat", source, num_steps=2, height=0, width=64)
