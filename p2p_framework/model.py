@@ -351,6 +351,18 @@ class StableDiffusionModel:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
+    def decode_upcast(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with the VAE in float32 for this call (as diffusers' ``force_upcast``
+        does): the SD 1.x / SDXL VAEs overflow in float16 on some latents. The VAE is put
+        back in its own dtype afterwards."""
+        dtype = self.vae.dtype
+        self.vae.to(torch.float32)
+        try:
+            return self.decode(latents.float())
+        finally:
+            self.vae.to(dtype)
+
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Latents from images ``(batch, 3, H, W)`` in [0, 1]: posterior mean times scaling."""
         pixels = (images * 2 - 1).to(device=self.vae.device, dtype=self.vae.dtype)

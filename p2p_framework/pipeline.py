@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -23,7 +24,7 @@ from pydantic_core import PydanticCustomError
 from .attention import AttentionController
 from .batch import ControllerGroup, plan_batches
 from .edit import Edit, EditRun, RunContext
-from .errors import NumericalError, OptionError, P2PError, PromptError
+from .errors import NumericalError, OptionError, P2PError, P2PWarning, PromptError
 from .model import StableDiffusionModel, check_steps
 from .options import validate_fields
 from .prompts import check_prompt_lengths
@@ -509,6 +510,17 @@ def _run_batch(
         # One finiteness check per job, after the loop: a float16 overflow (or an edit that
         # made NaN) must not become a black PNG. No per-step sync slows the loop.
         pixels = None if _has_nonfinite(job_latents) else model.decode(job_latents)
+        if pixels is not None and _has_nonfinite(pixels) and model.vae.dtype != torch.float32:
+            # A half-precision VAE that overflows: decode once more in float32.
+            pixels = model.decode_upcast(job_latents)
+            if not _has_nonfinite(pixels):
+                warnings.warn(
+                    P2PWarning(
+                        "the VAE overflowed in half precision (NaN pixels); these images were "
+                        "decoded with the VAE in float32"
+                    ),
+                    stacklevel=2,
+                )
         if pixels is None or _has_nonfinite(pixels):
             error = NumericalError(_overflow_message(model, "latents" if pixels is None else "vae"))
             if raise_errors:
@@ -546,11 +558,11 @@ def _overflow_message(model: StableDiffusionModel, where: str) -> str:
     half = model.dtype in (torch.float16, torch.bfloat16)
     precision = str(model.dtype).removeprefix("torch.")
     if where == "vae":
+        half = model.vae.dtype != torch.float32  # decode_upcast was tried
         what = "the VAE decoded NaN or infinite pixels"
         fix = (
-            "the VAE overflows in half precision (a known SD 1.x/SDXL VAE failure): run with "
-            "--dtype float32, or decode with the VAE upcast to float32 "
-            "(model.vae.to(torch.float32))"
+            "the VAE gives NaN even upcast to float32, so the latents are out of its range: "
+            "run with --dtype float32"
             if half
             else "the latents are out of the VAE's range"
         )

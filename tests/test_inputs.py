@@ -38,6 +38,7 @@ from p2p_framework import (
 from p2p_framework.cli import cli
 from p2p_framework.demo import DEMO_MODEL_DIR
 from p2p_framework.model import _error_summary
+from p2p_framework.pipeline import to_pil
 from p2p_framework.plugins.local_blend import LocalBlend
 from p2p_framework.plugins.refine import Refine
 from p2p_framework.plugins.replace import Replace
@@ -471,3 +472,31 @@ def test_invert_refuses_too_many_steps_and_a_zero_size(tiny_model, tmp_path):
         invert(tiny_model, photo, "a cat", source, num_steps=1001)
     with pytest.raises(OptionError, match=r"^pipeline: height: must be a positive multiple"):
         invert(tiny_model, photo, "a cat", source, num_steps=2, height=0, width=64)
+
+
+def test_a_half_precision_vae_that_overflows_is_decoded_upcast(tiny_model_dir, tiny_model):
+    """An SD 1.x/SDXL VAE can give NaN in float16: the images are decoded again with the
+    VAE in float32 (diffusers' force_upcast), with a warning, not written black."""
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    model.vae.to(torch.float16)
+    original = model.vae.decode
+
+    def overflowing(latents: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
+        if model.vae.dtype == torch.float16:  # what an overflowing float16 VAE gives
+            n, _, h, w = latents.shape
+            factor = model.vae_scale_factor
+            return (torch.full((n, 3, h * factor, w * factor), float("nan")),)
+        return original(latents, return_dict=return_dict)
+
+    model.vae.decode = overflowing
+    prompts = ["a cat", "a dog"]
+    with pytest.warns(P2PWarning, match="decoded with the VAE in float32"):
+        result = run_edit(model, prompts, [Replace()], settings=settings())
+    assert model.vae.dtype == torch.float16  # put back
+    expected = run_edit(tiny_model, prompts, [Replace()], settings=settings())
+    torch.testing.assert_close(result.latents, expected.latents)  # the UNet's work unchanged
+    # The images are the float32 decode of the (float16-rounded) VAE weights.
+    model.vae.to(torch.float32)
+    decoded = to_pil(model.decode(result.latents))
+    for got, want in zip(result.images, decoded):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
