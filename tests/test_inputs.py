@@ -500,3 +500,34 @@ def test_a_half_precision_vae_that_overflows_is_decoded_upcast(tiny_model_dir, t
     decoded = to_pil(model.decode(result.latents))
     for got, want in zip(result.images, decoded):
         assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_pipeline_job_with_an_over_long_prompt_fails_alone(invoke, tiny_model_dir, tmp_path):
+    pipeline = tmp_path / "jobs.toml"
+    pipeline.write_text(
+        f'model = "{tiny_model_dir}"\n'
+        '[defaults]\nsteps = 2\nheight = 64\nwidth = 64\ndevice = "cpu"\ndtype = "float32"\n'
+        f'[[jobs]]\nname = "long"\nprompt = "{long_prompt()}"\ntargets = ["{long_prompt("red")}"]\n'
+        '[[jobs]]\nname = "short"\nprompt = "a red cat"\ntargets = ["a blue cat"]\n'
+    )
+    result = invoke("run", pipeline, "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 1, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line.get("status", "ok") for line in lines] == ["failed", "ok"]
+    assert "has 129 tokens" in lines[0]["error"]
+    assert not (tmp_path / "out" / "long").exists() and (tmp_path / "out" / "short").is_dir()
+
+
+def test_pipeline_jobs_warn_about_unknown_words(invoke, tiny_model_dir, tmp_path):
+    """The tiny test tokenizer is a closed vocabulary too: 'frowning' is not one of its words."""
+    pipeline = tmp_path / "jobs.toml"
+    pipeline.write_text(
+        f'model = "{tiny_model_dir}"\n'
+        '[defaults]\nsteps = 1\nheight = 64\nwidth = 64\ndevice = "cpu"\ndtype = "float32"\n'
+        '[[jobs]]\nname = "frown"\nprompt = "a frowning cat"\ntargets = ["a frowning dog"]\n'
+    )
+    result = invoke("run", pipeline, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "Warning: job 'frown': word(s) 'frowning' are not in the model's vocabulary" in (
+        result.stderr
+    )
