@@ -18,8 +18,10 @@ denoising loop follows. ``p2p-run invert --method NAME`` and
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import BeforeValidator, Field
 
-from p2p_framework.errors import OptionError
+from p2p_framework.errors import OptionError, P2PWarning
 from p2p_framework.model import StableDiffusionModel
 from p2p_framework.source import (
     Source,
@@ -54,6 +56,43 @@ from .images import ImageInput, image_hash, image_to_tensor, parse_crop, prepare
 from .result import Inversion
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
+
+#: A photo whose VAE round trip is below this PSNR (dB) gets a warning: the model cannot
+#: represent it, so no inversion can bring it back (SD's VAE gives about 25-30 dB on photos,
+#: the demo model's 35 dB on its own scenes and 12-13 dB on photos).
+VAE_WARN_PSNR = 20.0
+
+
+def vae_round_trip_psnr(
+    model: StableDiffusionModel, pixels: torch.Tensor, latent: torch.Tensor
+) -> float:
+    """PSNR in dB of the VAE's reconstruction of ``pixels`` (``(1, 3, H, W)`` in [0, 1])
+    from its encoding ``latent``: the best any inversion of the photo can reach."""
+    decoded = model.decode(latent.to(model.dtype)).float().cpu()
+    mse = float(torch.mean((decoded - pixels.float().cpu()) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def _warn_if_unrepresentable(model: StableDiffusionModel, psnr: float) -> None:
+    if psnr >= VAE_WARN_PSNR:
+        return
+    from p2p_framework.preflight import is_demo_model
+
+    hint = (
+        "; the demo model knows only 64 px scenes of coloured shapes (docs/demo-model.md): "
+        "use real weights (--model) for photos"
+        if is_demo_model(str(model.identity.get("model", "")))
+        else ""
+    )
+    warnings.warn(
+        P2PWarning(
+            f"the model's VAE reproduces this photo at {psnr:.1f} dB (under "
+            f"{VAE_WARN_PSNR:.0f} dB): it cannot represent photos like it, so the inversion "
+            f"and its edits will look like that reconstruction, not like the photo{hint}"
+        ),
+        stacklevel=3,
+    )
+
 
 #: The options every invertible source has (the others are its method's options).
 COMMON_OPTIONS = ("image", "inversion", "crop", "cache", "cache_dir")
@@ -182,6 +221,9 @@ class InvertingSource(Source):
     # --source uses the source the file was made with (its method), looked up in the registry.
     shortcuts = {"image": "image", "inversion": "inversion", "no_cache": "cache"}
     chosen_by = {"inversion": lambda path: Inversion.load(path).method}
+    # A job with --inversion and no --prompt edits the prompt the file was inverted with
+    # (its embeddings and latents belong to it); another --prompt is refused.
+    prompt_from = {"inversion": lambda path: Inversion.load(path).prompt}
 
     #: progress units per diffusion step of a whole inversion (2 for a method that runs the
     #: DDIM inversion and then a second pass over the steps, as null-text does).
@@ -274,8 +316,16 @@ class InvertingSource(Source):
         _check_settings(num_steps, guidance)
         if not isinstance(prompt, str) or not prompt.strip():
             raise OptionError("inversion", "prompt", "the source prompt must not be empty")
-        height = height or model.default_size
-        width = width or model.default_size
+        if num_steps > model.max_steps:
+            raise OptionError(
+                "inversion",
+                "num_steps",
+                f"must be at most {model.max_steps} (this model's scheduler was trained with "
+                f"{model.max_steps} timesteps), got {num_steps}",
+            )
+        # None means the model's size; 0 is refused by latent_size, not replaced.
+        height = model.default_size if height is None else height
+        width = model.default_size if width is None else width
         model.latent_size(height, width)  # checks divisibility
         crop = parse_crop(self.crop)
         if isinstance(image, torch.Tensor):
@@ -328,6 +378,9 @@ class InvertingSource(Source):
                 progress=progress,
             )
             output = self.invert_latents(ctx)
+        # Outside the UNet's precision context: the VAE decodes as it does for the run.
+        psnr = vae_round_trip_psnr(model, pixels, ctx.image_latent)
+        _warn_if_unrepresentable(model, psnr)
         return Inversion(
             method=self.name,
             prompt=prompt,
@@ -349,6 +402,7 @@ class InvertingSource(Source):
                 "unet_forward_rows": unet.forward_rows,
                 "unet_backward_rows": unet.backward_rows,
                 "device": str(model.device),
+                "vae_psnr": round(psnr, 2) if math.isfinite(psnr) else None,
             },
             image_hash=digest,
             crop=parse_crop(self.crop),

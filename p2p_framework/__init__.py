@@ -18,8 +18,10 @@ from .attention import AttentionController, ControlledAttnProcessor
 from .edit import Edit, EditRun, PromptToPromptEdit, RunContext, SelfReplaceRun, Step
 from .errors import (
     ModelLoadError,
+    NumericalError,
     OptionError,
     P2PError,
+    P2PWarning,
     PluginError,
     PluginRunError,
     PromptError,
@@ -55,9 +57,11 @@ __all__ = [
     "EditResult",
     "EditSettings",
     "ModelLoadError",
+    "NumericalError",
     "OptionError",
     "OptionInfo",
     "P2PError",
+    "P2PWarning",
     "Plugin",
     "PluginError",
     "PluginRunError",

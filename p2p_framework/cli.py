@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import click
 
 from . import signals
 from .cpu_threads import THREADS_ENV
-from .errors import OptionError, P2PError, PluginRunError
+from .errors import OptionError, P2PError, P2PWarning, PluginRunError
 from .model import DTYPES
 from .runner import AUTO_BATCH_ROWS, MODEL_ENV
 from .spec import SHORTCUTS
@@ -94,9 +95,21 @@ class P2PGroup(click.Group):
         _state.debug = _state.quiet = False
         with signals.handling():  # SIGTERM ends a run as Ctrl-C does
             try:
-                result = super().main(
-                    args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
-                )
+                with warnings.catch_warnings():
+                    # Each P2PWarning (every time, not once per place) as one "Warning:" line.
+                    warnings.simplefilter("always", P2PWarning)
+                    shown = warnings.showwarning
+
+                    def show(message: Any, category: Any, *rest: Any, **kwargs: Any) -> None:
+                        if issubclass(category, P2PWarning):
+                            _warn(_one_line(str(message)))
+                        else:
+                            shown(message, category, *rest, **kwargs)
+
+                    warnings.showwarning = show
+                    result = super().main(
+                        args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
+                    )
                 code = result if isinstance(result, int) else 0
             except click.exceptions.NoArgsIsHelpError as error:
                 click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
@@ -453,6 +466,23 @@ def _load_model(name: str, **kwargs: Any) -> Any:
     return model
 
 
+def _preflight(
+    model: str,
+    prompts: list[str],
+    steps: int,
+    height: int | None,
+    width: int | None,
+    job: str | None = None,
+) -> None:
+    """Check the run against a local model folder's configs before the model loads (a bad
+    value ends here, exit 2) and print the warnings (words the model does not know)."""
+    from .preflight import check_before_load
+
+    warnings = check_before_load(model, prompts, steps=steps, height=height, width=width)
+    for warning in warnings:
+        _warn(f"job {job!r}: {warning}" if job else warning)
+
+
 def _execute(spec: Any, out: Path | None, as_json: bool, overwrite: bool = False) -> None:
     from .runner import ModelCache, model_from_env, run_job
 
@@ -465,6 +495,8 @@ def _execute(spec: Any, out: Path | None, as_json: bool, overwrite: bool = False
         return _load_model(name, **kwargs)
 
     spec.model = model_name
+    settings = spec.settings
+    _preflight(model_name, spec.prompts, settings.steps, settings.height, settings.width)
     target = out if out is not None else _default_out(spec.mode)
     try:
         _log(f"Running {spec.mode}: {_describe(spec)}")
@@ -510,9 +542,9 @@ def cli() -> None:
           --prompt "a painting of a squirrel eating a burger" \\
           --target "a painting of a lion eating a burger" \\
           --cross-replace default=1.0,lion=0.4 --blend "squirrel lion" --out out/lion
-      p2p-run generate --prompt "a cat on a mat" --seed 1
-      p2p-run invert --image cat.jpg --prompt "a cat sitting next to a mirror" \\
-          --out cat.p2pinv
+      p2p-run generate --prompt "a purple triangle on a dotted green background" --seed 1
+      p2p-run invert --model CompVis/stable-diffusion-v1-4 --image cat.jpg \\
+          --prompt "a cat sitting next to a mirror" --out cat.p2pinv
       p2p-run plugins
       p2p-run run jobs.toml --json
 
@@ -524,9 +556,9 @@ def cli() -> None:
 @cli.command("edit")
 @click.option(
     "--prompt",
-    required=True,
     metavar="TEXT",
-    help='Source prompt (image 0). E.g. --prompt "a cat sitting next to a mirror"',
+    help="Source prompt (image 0). Required, except with --inversion, whose prompt is the "
+    'source prompt. E.g. --prompt "a cat sitting next to a mirror"',
 )
 @click.option(
     "--target",
@@ -549,7 +581,7 @@ def cli() -> None:
 @_model_options("run")
 @_verbosity
 def edit_command(
-    prompt: str, targets: tuple[str, ...], edits: tuple[str, ...], **options: Any
+    prompt: str | None, targets: tuple[str, ...], edits: tuple[str, ...], **options: Any
 ) -> None:
     """Edit an image by editing its prompt (Prompt-to-Prompt).
 
@@ -557,14 +589,15 @@ def edit_command(
     --save-attention attention.png, and run.json (everything needed to rerun it).
 
     \b
-    Examples:
-      p2p-run edit --prompt "a painting of a squirrel eating a burger" \\
-          --target "a painting of a lion eating a burger" --blend "squirrel lion"
-      p2p-run edit --prompt "a smiling bunny doll" --target "a smiling bunny doll" \\
-          --reweight smiling=5
-      p2p-run edit --prompt soup --target "pea soup with croutons" \\
-          --edit refine --reweight croutons=3
-      p2p-run edit --image cat.jpg --prompt "a cat sitting next to a mirror" \\
+    Examples (the first two on the demo model, in its words: docs/demo-model.md):
+      p2p-run edit --prompt "a red circle and a blue square on a yellow background" \\
+          --target "a red star and a blue square on a yellow background" \\
+          --blend "circle star"
+      p2p-run edit --prompt "a red circle on a yellow background" \\
+          --target "a red circle on a striped yellow background"
+      p2p-run edit --model CompVis/stable-diffusion-v1-4 --prompt soup \\
+          --target "pea soup with croutons" --edit refine --reweight croutons=3
+      p2p-run edit --model CompVis/stable-diffusion-v1-4 --inversion cat.p2pinv \\
           --target "a tiger sitting next to a mirror" --self-replace 0.5 \\
           --blend "cat tiger" --reweight tiger=2
     """
@@ -596,8 +629,9 @@ def generate_command(prompts: tuple[str, ...], **options: Any) -> None:
     is what the model makes for that prompt and seed on its own.
 
     \b
-    Example:
-      p2p-run generate --prompt "a cat on a mat" --prompt "a dog on a mat" --seed 1
+    Example (demo model):
+      p2p-run generate --prompt "a red circle on a blue background" \\
+          --prompt "a red square on a blue background" --seed 1
     """
     from .spec import spec_from_job
 
@@ -696,6 +730,29 @@ def _batch_rows(ctx: click.Context, param: click.Parameter, value: Any) -> int |
     return rows
 
 
+def _pipeline_warnings(pipeline: Any, registry: Any, options: dict[str, Any]) -> None:
+    """Each job's warnings before any model loads; a job whose check fails is left to fail
+    alone when it runs (with the same message), the others go on."""
+    from .pipeline_file import pipeline_job_spec
+    from .runner import model_from_env
+
+    overrides = {key: options[key] for key in ("model", "revision", "device", "dtype")}
+    for index in range(len(pipeline.jobs)):
+        try:
+            spec = pipeline_job_spec(pipeline, index, registry, overrides=overrides)
+            settings = spec.settings
+            _preflight(
+                model_from_env(spec.model),
+                spec.prompts,
+                settings.steps,
+                settings.height,
+                settings.width,
+                pipeline.job_name(index),
+            )
+        except (P2PError, OSError):
+            continue
+
+
 @cli.command("run")
 @click.argument("pipeline_file", type=click.Path(path_type=Path), metavar="PIPELINE.toml")
 @click.option(
@@ -768,6 +825,7 @@ def run_command(
     registry = _registry()
     _warn_broken_plugins(registry)
     pipeline = load_pipeline(pipeline_file)
+    _pipeline_warnings(pipeline, registry, options)
 
     def loader(name: str, **kwargs: Any) -> Any:
         return _load_model(name, **kwargs)
@@ -876,10 +934,14 @@ def run_command(
 @click.option(
     "--height",
     type=int,
-    help="Height in pixels. Default: the model's size. E.g. --height 512",
+    help="Height in pixels, a multiple of the model's VAE scale factor (8 for SD, 4 for the "
+    "demo model). Default: the model's size. E.g. --height 512",
 )
 @click.option(
-    "--width", type=int, help="Width in pixels. Default: the model's size. E.g. --width 512"
+    "--width",
+    type=int,
+    help="Width in pixels, a multiple of the model's VAE scale factor (as --height). "
+    "Default: the model's size. E.g. --width 512",
 )
 @click.option(
     "--out",
@@ -918,9 +980,13 @@ def invert_command(
 
     \b
     Example:
-      p2p-run invert --image cat.jpg --prompt "a cat sitting next to a mirror" --out cat.p2pinv
-      p2p-run edit --inversion cat.p2pinv --prompt "a cat sitting next to a mirror" \\
+      p2p-run invert --model CompVis/stable-diffusion-v1-4 --image cat.jpg \\
+          --prompt "a cat sitting next to a mirror" --out cat.p2pinv
+      p2p-run edit --model CompVis/stable-diffusion-v1-4 --inversion cat.p2pinv \\
           --target "a tiger sitting next to a mirror" --blend "cat tiger"
+
+    Photos need real weights: the demo model's VAE cannot represent them (a warning gives
+    the round trip's dB).
     """
     from .inversion import invert, inverting_source
     from .runner import model_from_env
@@ -940,6 +1006,8 @@ def invert_command(
     from .outputs import prepare_output_dir
 
     prepare_output_dir(out.parent if str(out.parent) else Path("."))
+    if steps >= 1:  # invert() itself refuses fewer, with its own message
+        _preflight(model_from_env(model), [prompt], steps, height, width)
     loaded = _load_model(
         model_from_env(model),
         device=device,

@@ -69,6 +69,9 @@ class RunContext:
             grid is the latent grid divided by at least this (4: 16x16 at 512 px SD 1.x).
         compiled: whether the UNet runs under ``torch.compile`` (hooks then get the step as a
             tensor, see the module docstring).
+        cross_attention_levels: the ``downscale`` of each UNet level that has cross-attention
+            layers at this latent size (``(1, 2, 4, 8)`` for SD 1.x), so that ``bind`` can
+            refuse a level the model lacks before the first step; None when unknown.
     """
 
     prompts: list[str]
@@ -80,6 +83,7 @@ class RunContext:
     self_replace_window: tuple[int, int] = (0, 0)
     self_replace_min_downscale: int = 4
     compiled: bool = False
+    cross_attention_levels: tuple[int, ...] | None = None
 
     @property
     def num_targets(self) -> int:

@@ -96,3 +96,15 @@ class PluginRunError(P2PError):
             "hook": self.hook,
             "exception": type(self.error).__name__,
         }
+
+
+class NumericalError(P2PError):
+    """A run's numbers overflowed: NaN or infinite latents or pixels (typically float16 on a
+    model or size it has too little range for). Nothing is written; the message says what to
+    change (``--dtype float32``, a VAE decoded in float32)."""
+
+
+class P2PWarning(UserWarning):
+    """Something a user should know about a run that still runs (words the model does not
+    know, a photo its VAE cannot represent). Issued with :func:`warnings.warn`; ``p2p-run``
+    prints each as one ``Warning:`` line on stderr."""

@@ -9,6 +9,7 @@ the same methods, chosen in :func:`load_model`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -86,6 +87,74 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if names[dtype] != torch.float32 and device.type == "cpu":
         raise OptionError("pipeline", "dtype", f"{dtype} needs a GPU; use float32 on the CPU")
     return names[dtype]
+
+
+def check_size(height: int, width: int, factor: int) -> None:
+    """Refuse an image size the VAE cannot take: each side a positive multiple of
+    ``factor`` (the VAE's scale factor: 8 for SD, 4 for the demo model).
+
+    Raises:
+        OptionError: naming the side, the factor and the value.
+    """
+    for option, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+            raise OptionError(
+                "pipeline",
+                option,
+                f"must be a positive multiple of {factor} (this model's VAE scale factor), "
+                f"got {value}",
+            )
+
+
+def check_steps(steps: int, limit: int) -> None:
+    """Refuse more diffusion steps than the scheduler was trained with (``limit``, its
+    ``num_train_timesteps``: 1000 for SD); diffusers would fail inside ``set_timesteps``.
+
+    Raises:
+        OptionError: naming the limit.
+    """
+    if steps > limit:
+        raise OptionError(
+            "pipeline",
+            "steps",
+            f"must be at most {limit} (this model's scheduler was trained with {limit} "
+            f"timesteps), got {steps}",
+        )
+
+
+#: Sentences of library errors that point at a traceback the one-line message does not show.
+_TRACEBACK_HINT = re.compile(r"[^.]*\b(stack ?trace|traceback)\b[^.]*(above|below)[^.]*\.?", re.I)
+
+
+def _error_summary(error: BaseException, model: str) -> str:
+    """An exception's message as one clean line: its first line, without sentences that
+    refer to a traceback above (which a one-line ``Error:`` does not show) and without a
+    repeated "Cannot load model NAME:" prefix."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    cleaned = " ".join(_TRACEBACK_HINT.sub("", first).split())
+    prefix = f"cannot load model {model}:"
+    if cleaned.lower().startswith(prefix.lower()):
+        cleaned = cleaned[len(prefix) :].strip()
+    return cleaned or first
+
+
+def _missing_components(path: Path) -> list[str]:
+    """The subfolders ``model_index.json`` of a local pipeline folder names that are not
+    there (e.g. ``["unet"]``); empty when the index cannot be read (diffusers says why)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [
+        name
+        for name, entry in index.items()
+        if not name.startswith("_")
+        and isinstance(entry, list)
+        and entry
+        and entry[0] is not None
+        and not (path / name).is_dir()
+    ]
 
 
 def folder_hash(path: Path) -> str:
@@ -196,15 +265,48 @@ class StableDiffusionModel:
     def max_tokens(self) -> int:
         return int(self.tokenizer.model_max_length)
 
+    @property
+    def max_steps(self) -> int:
+        """The most diffusion steps a run may take: the scheduler's training timesteps (1000
+        for SD)."""
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        """Latent ``(height, width)`` for an image size in pixels, checked for divisibility."""
+        """Latent ``(height, width)`` for an image size in pixels, checked for divisibility.
+
+        Raises:
+            OptionError: a size that is not a positive multiple of :attr:`vae_scale_factor`.
+        """
+        check_size(height, width, self.vae_scale_factor)
         factor = self.vae_scale_factor
-        for option, value in (("height", height), ("width", width)):
-            if value <= 0 or value % factor:
-                raise OptionError(
-                    "pipeline", option, f"must be a positive multiple of {factor}, got {value}"
-                )
         return height // factor, width // factor
+
+    def cross_attention_levels(self, latent_size: tuple[int, int]) -> tuple[int, ...]:
+        """The ``downscale`` of every UNet level that has cross-attention layers, for a
+        ``(height, width)`` latent, as :class:`~p2p_framework.store.AttentionLayer` names them
+        at run time (1, 2, 4, 8 for SD 1.x; the demo model's 16x16 latent: 1, 2, 4, 8).
+
+        Read from the UNet's attention processors' names: ``down_blocks.i`` works at
+        ``2**i``, the mid block at the deepest level, ``up_blocks.i`` mirrored. A level
+        whose grid equals a coarser one's (tiny latents) is named as the run would name it.
+        """
+        from .attention import grid_for
+        from .store import level_grid
+
+        depth = len(self.unet.config.block_out_channels) - 1
+        found = set()
+        for name in getattr(self.unet, "attn_processors", {}):
+            if ".attn2." not in f".{name}":
+                continue
+            if name.startswith("down_blocks."):
+                level = int(name.split(".")[1])
+            elif name.startswith("up_blocks."):
+                level = depth - int(name.split(".")[1])
+            else:
+                level = depth
+            grid = level_grid(latent_size, 2**level)
+            found.add(grid_for(grid[0] * grid[1], latent_size)[1])
+        return tuple(sorted(found))
 
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """``(prompts, max_tokens)`` padded, truncated token ids."""
@@ -247,6 +349,18 @@ class StableDiffusionModel:
         scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         images = self.vae.decode(scaled, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def decode_upcast(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with the VAE in float32 for this call (as diffusers' ``force_upcast``
+        does): the SD 1.x / SDXL VAEs overflow in float16 on some latents. The VAE is put
+        back in its own dtype afterwards."""
+        dtype = self.vae.dtype
+        self.vae.to(torch.float32)
+        try:
+            return self.decode(latents.float())
+        finally:
+            self.vae.to(dtype)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -327,6 +441,14 @@ def load_model(
     if looks_local and not (path / "model_index.json").is_file():
         what = "does not exist" if not path.exists() else "has no model_index.json"
         raise ModelLoadError(f"model folder {text!r} {what}; pass a diffusers pipeline folder")
+    if looks_local:
+        missing = _missing_components(path)
+        if missing:
+            folders = ", ".join(f"{name}/" for name in missing)
+            raise ModelLoadError(
+                f"model folder {text!r} has no {folders} subfolder (its model_index.json lists "
+                f"{', '.join(missing)}); copy the whole diffusers pipeline folder"
+            )
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
             str(path) if looks_local else text,
@@ -336,8 +458,9 @@ def load_model(
             requires_safety_checker=False,
         )
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load model {text!r}: {first}") from error
+        raise ModelLoadError(
+            f"cannot load model {text!r}: {_error_summary(error, text)}"
+        ) from error
     components = pipe.components
     if "text_encoder_2" in components:
         raise ModelLoadError(f"{text!r} is an SDXL-style pipeline, which is not supported yet")

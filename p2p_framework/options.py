@@ -53,6 +53,10 @@ class Plugin:
     #: ``{"image": True}``; ``"*"``: when no other source's key is given; a callable value
     #: ``f(value) -> name`` names the source instead (e.g. the one a saved file was made with).
     chosen_by: ClassVar[Mapping[str, bool | Callable[[Any], str]]] = {}
+    #: A source's: options whose value fixes the source prompt, ``{option: f(value) ->
+    #: prompt}``, e.g. a saved inversion's (``{"inversion": read_prompt}``). A job that sets
+    #: the option and gives no source prompt takes this one; a different one is refused.
+    prompt_from: ClassVar[Mapping[str, Callable[[Any], str]]] = {}
     #: An edit's: ``f(prompts) -> bool``, true when it is the edit of a job that names none.
     default_for: ClassVar[Callable[[Sequence[str]], bool] | None] = None
 
@@ -223,7 +227,9 @@ def _message(error: pydantic.ValidationError, value: Any) -> str:
     first = error.errors()[0]
     where = "".join(f"[{part!r}]" for part in first["loc"])
     shown = first.get("input", value) if where else value
-    return f"{where + ': ' if where else ''}{first['msg'].lower()}, got {shown!r}"
+    text = str(first["msg"]).removeprefix("Value error, ")  # a validator's own message
+    text = text[:1].lower() + text[1:]  # keep the case of names in it (VAE, SD)
+    return f"{where + ': ' if where else ''}{text}, got {shown!r}"
 
 
 def validate_value(owner: str, option: str, annotation: Any, value: Any) -> Any:

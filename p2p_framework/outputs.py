@@ -428,9 +428,17 @@ def _try_lock(descriptor: int) -> bool:
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The caption font: the shipped DejaVu Sans (accents, Greek, Cyrillic; Pillow's own
+    font draws them as boxes), else Pillow's default."""
+    from .fonts import CAPTION_FONT
+
+    try:
+        return ImageFont.truetype(str(CAPTION_FONT), size)
+    except (OSError, ImportError):  # Pillow without FreeType
+        pass
     try:
         return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the bitmap font
+    except (TypeError, OSError, ImportError):  # the bitmap font
         return ImageFont.load_default()
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -24,9 +25,10 @@ from pydantic_core import PydanticCustomError
 from .attention import AttentionController
 from .batch import ControllerGroup, plan_batches
 from .edit import Edit, EditRun, RunContext
-from .errors import OptionError, P2PError, PluginRunError, PromptError
-from .model import StableDiffusionModel
+from .errors import NumericalError, OptionError, P2PError, P2PWarning, PluginRunError, PromptError
+from .model import StableDiffusionModel, check_steps
 from .options import validate_fields
+from .prompts import check_prompt_lengths
 from .schedules import OWNER, CrossReplace, StepWindow, cross_replace_table, self_replace_window
 from .signals import raise_pending
 from .source import Source, SourceRequest, SourceStart, StepGuide
@@ -40,6 +42,19 @@ def _power_of_two(value: int) -> int:
         raise PydanticCustomError("power_of_two", "must be a power of two")
     return value
 
+
+def _positive_size(value: int) -> int:
+    if value < 1:
+        raise PydanticCustomError(
+            "positive_size",
+            "must be a positive multiple of the model's VAE scale factor (8 for SD, 4 for the "
+            "demo model); leave it out for the model's own size",
+        )
+    return value
+
+
+#: An image side in pixels: ``>= 1`` (its divisibility is checked against the model).
+PixelSize = Annotated[int, AfterValidator(_positive_size)]
 
 #: An ``int >= 1`` that is a power of two (a grid's downscale factor).
 PowerOfTwo = Annotated[int, Field(ge=1), AfterValidator(_power_of_two)]
@@ -56,7 +71,8 @@ class EditSettings:
     Attributes:
         steps: diffusion steps (50).
         guidance: classifier-free guidance scale (7.5); 1 or less turns guidance off.
-        height, width: image size in pixels; None means the model's own size.
+        height, width: image size in pixels, each a positive multiple of the model's VAE
+            scale factor (8 for SD, 4 for the demo model); None means the model's own size.
         cross_replace_steps: when cross-attention is injected (:class:`CrossReplace`): a
             fraction ``s`` of the steps (``(0, s)``), a pair ``(a, b)``, or per word, such as
             ``{"default": 0.8, "lion": 0.4}`` (0.8).
@@ -76,8 +92,8 @@ class EditSettings:
 
     steps: Annotated[int, Field(ge=1)] = 50
     guidance: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 7.5
-    height: int | None = None
-    width: int | None = None
+    height: PixelSize | None = None
+    width: PixelSize | None = None
     cross_replace_steps: CrossReplace = CrossReplace(0.8)
     self_replace_steps: StepWindow = StepWindow(0.0, 0.4)
     self_replace_min_downscale: PowerOfTwo = 4
@@ -144,7 +160,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (array * 255).round().astype("uint8")]
 
 
-def _check_prompts(prompts: Sequence[str]) -> list[str]:
+def _check_prompts(prompts: Sequence[str], tokenizer: Any) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -153,6 +169,7 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError(f"prompt {i} is empty")
+    check_prompt_lengths(tokenizer, prompts)
     return prompts
 
 
@@ -198,12 +215,18 @@ class _PreparedJob:
 
 
 def _resolve(model: StableDiffusionModel, job: EditJob) -> tuple[list[str], EditSettings]:
-    """The job's checked prompts and its settings with the image size filled in."""
-    prompts = _check_prompts(job.prompts)
+    """The job's checked prompts and its settings with the image size filled in.
+
+    Raises:
+        PromptError: an empty prompt, or one longer than the text encoder reads.
+        OptionError: a size the VAE cannot take, more steps than the scheduler knows.
+    """
+    prompts = _check_prompts(job.prompts, model.tokenizer)
     settings = job.settings or EditSettings()
-    height = settings.height or model.default_size
-    width = settings.width or model.default_size
+    height = model.default_size if settings.height is None else settings.height
+    width = model.default_size if settings.width is None else settings.width
     model.latent_size(height, width)  # raises OptionError for sizes the VAE cannot take
+    check_steps(settings.steps, model.max_steps)
     # replace() validates again: a field set after construction is checked here.
     return prompts, dataclasses.replace(settings, height=height, width=width)
 
@@ -263,6 +286,7 @@ def _prepare_job(
         self_replace_window=self_replace_window(settings.self_replace_steps, steps),
         self_replace_min_downscale=settings.self_replace_min_downscale,
         compiled=model.compiled,
+        cross_attention_levels=model.cross_attention_levels(latent_size),
     )
     runs = [edit.bind(run) for edit in edits]
 
@@ -547,7 +571,27 @@ def _run_batch(
             yield job.index, job_error(error, job)
             continue
         began = time.perf_counter()
-        images = to_pil(model.decode(job_latents))
+        # One finiteness check per job, after the loop: a float16 overflow (or an edit that
+        # made NaN) must not become a black PNG. No per-step sync slows the loop.
+        pixels = None if _has_nonfinite(job_latents) else model.decode(job_latents)
+        if pixels is not None and _has_nonfinite(pixels) and model.vae.dtype != torch.float32:
+            # A half-precision VAE that overflows: decode once more in float32.
+            pixels = model.decode_upcast(job_latents)
+            if not _has_nonfinite(pixels):
+                warnings.warn(
+                    P2PWarning(
+                        "the VAE overflowed in half precision (NaN pixels); these images were "
+                        "decoded with the VAE in float32"
+                    ),
+                    stacklevel=2,
+                )
+        if pixels is None or _has_nonfinite(pixels):
+            error = NumericalError(_overflow_message(model, "latents" if pixels is None else "vae"))
+            if raise_errors:
+                raise error
+            yield job.index, error
+            continue
+        images = to_pil(pixels)
         timings = {**job.timings, "denoise": denoise, "decode": time.perf_counter() - began}
         yield (
             job.index,
@@ -565,6 +609,36 @@ def _run_batch(
                 batch,
             ),
         )
+
+
+def _has_nonfinite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds NaN or an infinity (one reduction, one device sync)."""
+    return not bool(torch.isfinite(tensor).all())
+
+
+def _overflow_message(model: StableDiffusionModel, where: str) -> str:
+    """What to tell a user whose run made NaN/inf: in the ``"latents"`` after denoising, or
+    in the images the ``"vae"`` decoded."""
+    half = model.dtype in (torch.float16, torch.bfloat16)
+    precision = str(model.dtype).removeprefix("torch.")
+    if where == "vae":
+        half = model.vae.dtype != torch.float32  # decode_upcast was tried
+        what = "the VAE decoded NaN or infinite pixels"
+        fix = (
+            "the VAE gives NaN even upcast to float32, so the latents are out of its range: "
+            "run with --dtype float32"
+            if half
+            else "the latents are out of the VAE's range"
+        )
+    else:
+        what = "the latents hold NaN or infinite values after denoising"
+        fix = (
+            f'{precision} overflowed: run with --dtype float32 (load_model(..., dtype="float32"))'
+            if half
+            else "an edit or the source made them (check the plugins' after_step and "
+            "attention hooks)"
+        )
+    return f"{what}, so no image was written; {fix}"
 
 
 def _uncond_embedding(

@@ -31,6 +31,66 @@ def token_ids(tokenizer: Any, prompt: str) -> list[int]:
     return [tokenizer.bos_token_id, *_ids(tokenizer, prompt), tokenizer.eos_token_id]
 
 
+def _shorten(text: str, limit: int = 48) -> str:
+    return (
+        text if len(text) <= limit else f"{text[: limit // 2 - 2]} ... {text[-(limit // 2 - 3) :]}"
+    )
+
+
+def check_prompt_lengths(tokenizer: Any, prompts: Sequence[str]) -> None:
+    """Refuse prompts longer than the text encoder reads (``model_max_length`` tokens, 77 for
+    CLIP, start and end tokens included).
+
+    The encoder would silently drop the end of such a prompt, and an edit that changes words
+    past the limit would change nothing, or, with the end token cut, change the image where
+    the prompts agree. One rule for every edit and for plain generation: refuse.
+
+    Raises:
+        PromptError: naming the prompt, its token count and the limit.
+    """
+    max_tokens = int(tokenizer.model_max_length)
+    for index, prompt in enumerate(prompts):
+        count = len(token_ids(tokenizer, prompt))
+        if count > max_tokens:
+            raise PromptError(
+                f"prompt {index} ({_shorten(prompt)!r}) has {count} tokens; this model's text "
+                f"encoder reads at most {max_tokens} (start and end tokens included), so "
+                f"{count - max_tokens} would be cut off: shorten it"
+            )
+
+
+#: A tokenizer with fewer entries than this has a closed vocabulary (a model trained on a
+#: fixed set of words, such as the demo model's 582); CLIP's has 49,408.
+CLOSED_VOCABULARY_SIZE = 5000
+
+
+def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
+    """Words of ``prompt`` that a closed-vocabulary tokenizer does not know as a whole word.
+
+    On a tokenizer with fewer than :data:`CLOSED_VOCABULARY_SIZE` entries (a model trained on
+    a fixed set of words, such as the demo model), a word that splits into several tokens was
+    never seen in training: the model reads it as letters, which changes the image in ways
+    nothing predicts. On a large vocabulary (CLIP's 49,408) splitting is ordinary BPE
+    ("croutons" is two tokens) and nothing is reported. Surrounding punctuation is ignored.
+
+    Returns:
+        The unknown words (normalised: lower case, no surrounding punctuation), in order,
+        each once; empty for a large vocabulary.
+    """
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(size, int) or size >= CLOSED_VOCABULARY_SIZE:
+        return []
+    found: list[str] = []
+    for raw in prompt.split():
+        word = _normalise(raw)
+        if word and word not in found and len(_ids(tokenizer, word)) > 1:
+            found.append(word)
+    return found
+
+
 def word_spans(tokenizer: Any, prompt: str) -> list[list[int]]:
     """Token positions of each whitespace-separated word of ``prompt``.
 
@@ -100,7 +160,8 @@ def require_word_positions(
 def replacement_mapper(tokenizer: Any, source: str, target: str) -> torch.Tensor:
     """Token mapper of a word swap: ``edit = A_src @ M`` over the token axis.
 
-    Source and target must have the same number of words. Equal words map one to one; a
+    Source and target must have the same number of words and fit the tokenizer's length
+    (:func:`check_prompt_lengths`). Equal words map one to one; a
     swapped word whose token counts match maps one to one; otherwise every (source token,
     target token) pair of the swapped words gets ``1 / len(target tokens)``, and the positions
     after it shift accordingly.
@@ -108,6 +169,7 @@ def replacement_mapper(tokenizer: Any, source: str, target: str) -> torch.Tensor
     Returns:
         ``(max_tokens, max_tokens)`` float tensor ``M[source_position, target_position]``.
     """
+    check_prompt_lengths(tokenizer, [source, target])
     src_words, tgt_words = source.split(), target.split()
     if len(src_words) != len(tgt_words):
         raise PromptError(
@@ -192,12 +254,8 @@ def refinement_mapper(
         ``(max_tokens,)`` float, 1 for aligned positions and 0 for new tokens.
     """
     max_tokens = tokenizer.model_max_length
+    check_prompt_lengths(tokenizer, [source, target])
     src, tgt = token_ids(tokenizer, source), token_ids(tokenizer, target)
-    if len(tgt) > max_tokens or len(src) > max_tokens:
-        raise PromptError(
-            f"refine: prompts must fit in {max_tokens} tokens "
-            f"({source!r}: {len(src)}, {target!r}: {len(tgt)})"
-        )
     aligned = global_alignment(src, tgt)
     mapper = torch.arange(max_tokens)
     alphas = torch.ones(max_tokens)

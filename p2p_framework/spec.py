@@ -188,15 +188,17 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     ),
     Shortcut(
         "height",
-        "Image height in pixels, a multiple of 8. Default: the model's size "
-        "(512 for SD 1.x). E.g. --height 768",
+        "Image height in pixels, a multiple of the model's VAE scale factor (8 for SD, 4 for "
+        "the demo model). Default: the model's size (512 for SD 1.x, 64 for the demo model). "
+        "E.g. --height 768",
         setting="height",
         commands=_BOTH,
         click={"type": int},
     ),
     Shortcut(
         "width",
-        "Image width in pixels, a multiple of 8. Default: the model's size. E.g. --width 768",
+        "Image width in pixels, a multiple of the model's VAE scale factor (as --height). "
+        "Default: the model's size. E.g. --width 768",
         setting="width",
         commands=_BOTH,
         click={"type": int},
@@ -413,13 +415,46 @@ def parse_assignments(value: Any) -> list[tuple[str, str, Any]]:
     return found
 
 
-def _prompts(job: Mapping[str, Any], mode: str) -> list[str]:
+def _fixed_prompt(
+    registry: PluginRegistry, source: str, job: Mapping[str, Any]
+) -> tuple[str, str] | None:
+    """The source prompt the job's source fixes (its ``prompt_from``), with the option that
+    fixes it: the value of a shortcut for that option (``--inversion``) or of a ``set``
+    entry (``--set null-text.inversion=...``). None when it fixes none."""
+    plugin = registry.get("source", source).plugin_class
+    for option, read in plugin.prompt_from.items():
+        value = None
+        for key, target in plugin.shortcuts.items():
+            if target == option and _given(job.get(key)):
+                value = job[key]
+        for name, key, given in parse_assignments(job.get("set")):
+            if name == source and key == option:
+                value = given
+        if value is not None:
+            return read(value), option
+    return None
+
+
+def _prompts(job: Mapping[str, Any], mode: str, fixed: tuple[str, str] | None = None) -> list[str]:
     if mode == "edit":
         prompt = job.get("prompt")
         if isinstance(prompt, (list, tuple)) and len(prompt) == 1:
             prompt = prompt[0]
+        if fixed is not None:
+            known, option = fixed
+            if prompt is None:
+                prompt = known
+            elif prompt != known:
+                raise JobError(
+                    f"the source prompt {prompt!r} is not the one the {option} was made with "
+                    f"({known!r}), and its latents belong to that one; leave out --prompt "
+                    "(prompt = ...) to use it"
+                )
         if not isinstance(prompt, str) or not prompt.strip():
-            raise JobError('give the source prompt (--prompt / prompt = "...")')
+            raise JobError(
+                'give the source prompt (--prompt / prompt = "..."), or a saved inversion '
+                "(--inversion FILE), whose prompt is used"
+            )
         prompts = [prompt, *_as_list(job.get("targets"), "targets")]
         prompts += _as_list(job.get("target"), "target")
     else:
@@ -455,10 +490,20 @@ class _Plan:
         if plugin == OWNER:
             self.setting(option, value)
         elif self.kind_of(plugin) is None:
+            kinds = [
+                kind
+                for kind in ("edit", "source")
+                if plugin in {info.name for info in self.registry.plugins(kind)}
+            ]
+            hint = (
+                " or ".join(f"--{kind} {plugin}" for kind in kinds)
+                if kinds
+                else f"no installed plugin is called {plugin!r} (see `p2p-run plugins`)"
+            )
             raise JobError(
                 f"option {plugin}.{option} is for plugin {plugin!r}, which is not in this run "
-                f"(source: {self.source}; edits: {', '.join(self.edits) or 'none'}); add it "
-                f"with --edit {plugin} or --source {plugin}"
+                f"(source: {self.source}; edits: {', '.join(self.edits) or 'none'}); "
+                + (f"add it with {hint}" if kinds else hint)
             )
         else:
             self.options.setdefault(plugin, {})[option] = value
@@ -547,11 +592,12 @@ def spec_from_job(
     mode = merged.get("mode", "edit")
     if mode not in MODES:
         raise JobError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    prompts = _prompts(merged, mode)
     source = merged.get("source") or default_source(registry, merged)
     if not isinstance(source, str):
         raise JobError(f"source: expected a plugin name, got {source!r}")
     registry.get("source", source)
+    fixed = _fixed_prompt(registry, source, merged) if mode == "edit" else None
+    prompts = _prompts(merged, mode, fixed)
     edits = _as_list(merged.get("edits"), "edits") + _as_list(merged.get("edit"), "edit")
     if mode == "generate" and edits:
         raise JobError("generate makes plain images: edits need `p2p-run edit`")

@@ -71,7 +71,25 @@ class LocalBlend(Edit):
         # (prompts, 1, 1, tokens) to broadcast over the map's height and width.
         return weights[:, None, None, :].to(run.device)
 
+    def _check_level(self, run: RunContext) -> None:
+        """Refuse, before the first step, a ``mask_downscale`` at which the model has no
+        cross-attention layer (the masks could not be made), naming the levels it has."""
+        levels = run.cross_attention_levels
+        if levels is None or self.mask_downscale in levels:
+            return
+        height, width = run.latent_size
+        message = (
+            f"this model has no cross-attention layer at 1/{self.mask_downscale} of the "
+            f"{height}x{width} latent grid"
+        )
+        if levels:
+            nearest = min(levels, key=lambda level: (abs(level - self.mask_downscale), level))
+            have = ", ".join(f"1/{level}" for level in levels)
+            message += f"; it has them at {have} (e.g. --set {self.name}.mask_downscale={nearest})"
+        raise OptionError(self.name, "mask_downscale", message)
+
     def bind(self, run: RunContext) -> LocalBlendRun:
+        self._check_level(run)
         weights = self._token_weights(run, self.words, "words")
         substruct = (
             self._token_weights(run, self.substruct_words, "substruct_words")
