@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from p2p_framework.errors import P2PWarning
 
 from .errors import ImageError
 
@@ -59,6 +62,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _open_large(path: Path, name: str) -> Image.Image:
+    """Open an image above Pillow's warning size, saying so once as a :class:`P2PWarning`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+    megapixels = opened.width * opened.height / 1e6
+    warnings.warn(
+        P2PWarning(
+            f"{name} is {opened.width}x{opened.height} px ({megapixels:.0f} MP); decoding it "
+            "takes several GB of memory, and it is resized to the model's size anyway"
+        ),
+        stacklevel=3,
+    )
+    return opened
+
+
 def load_image(image: ImageInput) -> Image.Image:
     """An RGB PIL image from a path or a PIL image, EXIF orientation applied.
 
@@ -77,7 +96,14 @@ def load_image(image: ImageInput) -> Image.Image:
             if not path.is_file():
                 what = "is a folder" if path.is_dir() else "does not exist"
                 raise ImageError(f"{name} {what}")
-            with Image.open(path) as opened:
+            with warnings.catch_warnings():
+                # Pillow warns (with its own source line) above MAX_IMAGE_PIXELS: one line.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                try:
+                    opened = Image.open(path)
+                except Image.DecompressionBombWarning:
+                    opened = _open_large(path, name)
+            with opened:
                 opened.load()
                 rgb = _to_rgb(ImageOps.exif_transpose(opened) or opened)
     except ImageError:

@@ -535,3 +535,21 @@ def test_unreadable_truncated_and_tiny_images(tmp_path: Path, photo: Path) -> No
     with pytest.raises(ImageError, match="is a folder"):
         load_image(tmp_path)
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def test_very_large_images_warn_in_one_line_or_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2p_framework import P2PWarning
+
+    big = tmp_path / "big.png"
+    Image.fromarray(_picture()).save(big)
+    pixels = Image.open(big).size[0] * Image.open(big).size[1]
+    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels - 1)
+    with pytest.warns(P2PWarning, match=r"big.png' is \d+x\d+ px .*resized to the model's size"):
+        loaded = load_image(big)
+    assert np.array_equal(np.asarray(loaded), np.asarray(Image.open(big).convert("RGB")))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels // 2 - 1)
+    with pytest.raises(ImageError, match="too large to decode safely"):
+        load_image(big)
