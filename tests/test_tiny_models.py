@@ -253,3 +253,16 @@ def test_vpred_pipeline(tiny_vpred_model_dir: Path) -> None:
 def test_rejects_unknown_prediction_type(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prediction_type"):
         save_tiny_pipeline(tmp_path, prediction_type="sample")
+
+
+def test_saved_text_encoders_load_on_transformers_4_too(tiny_model_dir) -> None:
+    """transformers 4 finds a CLIP text encoder's weights only under ``text_model.``; without
+    the prefix it silently starts from random weights (the demo model's words lost)."""
+    from safetensors import safe_open
+
+    from p2p_framework.demo import DEMO_MODEL_DIR
+
+    for folder in (Path(DEMO_MODEL_DIR), Path(tiny_model_dir)):
+        with safe_open(folder / "text_encoder" / "model.safetensors", "pt") as weights:
+            names = list(weights.keys())
+        assert names and all(name.startswith("text_model.") for name in names), folder

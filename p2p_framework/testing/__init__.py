@@ -53,6 +53,7 @@ from .tiny_models import (
     VAE_BLOCK_OUT_CHANNELS,
     build_clip_tokenizer,
     bytes_to_unicode,
+    prefix_text_encoder_keys,
     save_tiny_pipeline,
 )
 
@@ -81,6 +82,7 @@ __all__ = [
     "narrow",
     "parameter_counts",
     "plugin_registered",
+    "prefix_text_encoder_keys",
     "save_tiny_pipeline",
 ]
 

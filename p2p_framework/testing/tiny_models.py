@@ -46,6 +46,7 @@ __all__ = [
     "UNET_BLOCK_OUT_CHANNELS",
     "VAE_BLOCK_OUT_CHANNELS",
     "build_clip_tokenizer",
+    "prefix_text_encoder_keys",
     "bytes_to_unicode",
     "save_tiny_pipeline",
 ]
@@ -401,4 +402,29 @@ def save_tiny_pipeline(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(save_dir)
+    prefix_text_encoder_keys(save_dir)
     return save_dir
+
+
+def prefix_text_encoder_keys(pipeline_dir: str | Path) -> None:
+    """Rewrite ``text_encoder/model.safetensors`` with ``text_model.``-prefixed keys.
+
+    transformers 5 saves a ``CLIPTextModel`` without the prefix; transformers 4 then finds none
+    of its weights and, with only a logged warning, initialises the encoder at random. Every
+    release loads the prefixed names (Stable Diffusion checkpoints on the hub have them), so a
+    folder written this way means the same model everywhere. Files already prefixed, and
+    sharded encoders, are left as they are.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(pipeline_dir) / "text_encoder" / "model.safetensors"
+    if not path.is_file():
+        return
+    weights = load_file(path)
+    if all(name.startswith("text_model.") for name in weights):
+        return
+    prefixed = {
+        name if name.startswith("text_model.") else f"text_model.{name}": tensor
+        for name, tensor in weights.items()
+    }
+    save_file(prefixed, path, metadata={"format": "pt"})

@@ -109,6 +109,7 @@ from p2p_framework.demo.shapes import (
     to_device,
 )
 from p2p_framework.model import SD_DDIM_CONFIG
+from p2p_framework.testing import prefix_text_encoder_keys
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -859,6 +860,7 @@ class Trainer:
             pipe.to(torch.float16)
         out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(out)
+        prefix_text_encoder_keys(out)  # transformers 4 loads the encoder too
         info = {
             "description": "demo model trained on p2p_framework.demo.shapes scenes",
             "image_size": IMAGE_SIZE,
