@@ -249,6 +249,7 @@ def _prepare_job(
     scheduler = model.make_scheduler(settings.scheduler)
     scheduler.set_timesteps(steps, device=device)
     store = AttentionStore()
+    store.device_counts = model.compiled  # eager: counts in Python, a kernel fewer per map
     if settings.attention_maps:
         store.track(downscale=settings.attention_downscale, cross=True)
     run = RunContext(
