@@ -15,7 +15,15 @@ Plugin authors subclass :class:`Edit` or :class:`Source` and register them with
 """
 
 from .attention import AttentionController, ControlledAttnProcessor
-from .edit import Edit, EditRun, PromptToPromptEdit, RunContext, SelfReplaceRun, Step
+from .edit import (
+    Edit,
+    EditRun,
+    LinearCrossAttention,
+    PromptToPromptEdit,
+    RunContext,
+    SelfReplaceRun,
+    Step,
+)
 from .errors import ModelLoadError, OptionError, P2PError, PluginError, PromptError
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
@@ -47,6 +55,7 @@ __all__ = [
     "EditRun",
     "EditResult",
     "EditSettings",
+    "LinearCrossAttention",
     "ModelLoadError",
     "OptionError",
     "OptionInfo",

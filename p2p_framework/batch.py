@@ -17,7 +17,7 @@ from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 
-from .attention import AttentionController, ProcessorInstaller
+from .attention import FUSED, AttentionController, ProcessorInstaller
 from .errors import OptionError, P2PError
 from .store import AttentionLayer
 
@@ -51,6 +51,7 @@ class ControllerGroup(ProcessorInstaller):
         self.rows = [int(r) for r in rows]
         self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
         self.latent_size: tuple[int, int] = tuple(controllers[0].latent_size)  # type: ignore[assignment]
+        self.static = any(c.static for c in self.controllers)
         self.errors: dict[int, P2PError] = {}
 
     @property
@@ -72,9 +73,15 @@ class ControllerGroup(ProcessorInstaller):
             cond_rows: the conditional rows of the whole batch (``total_rows`` of them), or
                 None for a call without conditional rows.
         """
+        self._encoder_cache = None
         for index, controller in enumerate(self.controllers):
             rows = None if cond_rows is None else self.job_rows(index, cond_rows.start or 0)
-            controller.begin_call(step, rows)
+            if index in self.errors:
+                continue
+            try:
+                controller.begin_call(step, rows)
+            except P2PError as error:  # raised by an edit's per-step declaration
+                self.errors[index] = error
 
     def _active(self) -> Iterator[tuple[int, AttentionController]]:
         for index, controller in enumerate(self.controllers):
@@ -84,6 +91,40 @@ class ControllerGroup(ProcessorInstaller):
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether any job reads or changes this layer's probabilities in the current call."""
         return any(c.wants(layer) for i, c in self._active())
+
+    def route(self, layer: AttentionLayer) -> int:
+        """The layer's route for the whole batch: :data:`~p2p_framework.attention.MATERIALISE`
+        if any job needs the probabilities, else :data:`~p2p_framework.attention.FAST` if any
+        job's edit rides on the fused kernel, else
+        :data:`~p2p_framework.attention.FUSED`."""
+        route = FUSED
+        for _, controller in self._active():
+            route = max(route, controller.route(layer))
+        return route
+
+    def _cross_key_rows(self) -> list[tuple[int, int, int]]:
+        return [rows for _, c in self._active() for rows in c._cross_key_rows()]
+
+    def _substituted_rows(self, layer: AttentionLayer) -> list[tuple[int, int, int]]:
+        return [rows for _, c in self._active() for rows in c._substituted_rows(layer)]
+
+    def _edit_encoder_values(self, states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        for _, controller in self._active():
+            values = controller._edit_encoder_values(states, values)
+        return values
+
+    def add_source_terms(
+        self,
+        hidden: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer: AttentionLayer,
+    ) -> torch.Tensor:
+        """Each job's :meth:`~p2p_framework.attention.AttentionController.add_source_terms`."""
+        for _, controller in self._active():
+            hidden = controller.add_source_terms(hidden, query, key, value, layer)
+        return hidden
 
     def wants_inputs(self, layer: AttentionLayer) -> bool:
         """Whether any job changes this layer's queries, keys or values in the current call."""

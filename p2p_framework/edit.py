@@ -116,6 +116,29 @@ class RunContext:
         return table[step]
 
 
+@dataclass(frozen=True)
+class LinearCrossAttention:
+    """A run's :meth:`EditRun.cross_attention` at one step, declared linear in the maps.
+
+    ``cross_attention(injected, targets, layer, step)`` must equal
+    ``injected @ injected_map + targets @ target_map`` (per target, over the token axis) at
+    every cross-attention layer of that step, up to float rounding. The controller then
+    keeps such layers on the fused attention kernel: the maps are never materialised, the
+    token maps are applied to the text embeddings behind the values instead (exact in real
+    arithmetic for attention without a value bias; float rounding differs, see
+    :meth:`EditRun.linear_cross_attention`).
+
+    Attributes:
+        injected_map: ``(targets, tokens, tokens)``; ``injected_map[i, j, k]`` is how much of
+            the injected maps' token ``j`` goes to token ``k`` of target ``i``.
+        target_map: ``(targets, tokens, tokens)``, the same for the target's own maps; None
+            for none (most edits: the result depends on the injected maps only).
+    """
+
+    injected_map: torch.Tensor
+    target_map: torch.Tensor | None = None
+
+
 class EditRun:
     """One edit's state and hooks for one run (see the module docstring for when each hook
     is called). Override only what the edit needs; the defaults change nothing.
@@ -185,6 +208,30 @@ class EditRun:
         """
         return injected
 
+    def linear_cross_attention(self, step: int) -> LinearCrossAttention | None:
+        """Declare :meth:`cross_attention` at ``step`` linear in the maps, or return None.
+
+        Optional, for speed: when every injecting run of a job declares its step linear and
+        no attention map of a layer is kept, an eager run keeps that layer on the fused
+        attention kernel, with no probabilities materialised (fewer operations per layer
+        and less memory; results agree with the materialised path to float rounding).
+        Compiled runs always materialise. Called once per step with the step as an
+        ``int``; the maps must hold at every cross-attention layer of that step. Default:
+        None (the controller materialises and calls :meth:`cross_attention`).
+        """
+        return None
+
+    def self_attention_is_source(self, layer: AttentionLayer, step: int) -> bool:
+        """Whether :meth:`self_attention` at ``layer`` and ``step`` gives every target the
+        source's maps unchanged (``source.expand_as(targets)``), whatever the targets.
+
+        Optional, for speed: asked in eager runs only, where :meth:`uses_self_attention`
+        is True; when every run changing the layer says so and no map of it is kept, the
+        targets take the source's queries and keys and the layer stays on the fused
+        attention kernel. Default: False.
+        """
+        return False
+
     def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
         """Change the latents after scheduler step ``step`` (0-based).
 
@@ -247,6 +294,9 @@ class SelfReplaceRun(EditRun):
         if layer.downscale < self._self_min_downscale:
             return False
         return start < end if step is None else start <= step < end
+
+    def self_attention_is_source(self, layer: AttentionLayer, step: int) -> bool:
+        return True  # asked only inside the window, where the targets take the source's maps
 
     def self_attention(
         self, source: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer, step: Step
