@@ -176,7 +176,9 @@ class ControlledAttnProcessor:
             probs = controller.attend(probs, layer)
             hidden_states = torch.matmul(probs.to(value.dtype), value)
         else:
-            if route == FUSED and controller.wants_inputs(layer):
+            # A job's own FAST route excludes its attention_inputs hooks; in a batch another
+            # job's hooks may still change its own rows here.
+            if controller.wants_inputs(layer):
                 query, key, value = controller.attention_inputs(query, key, value, layer)
             main_value = value if value.shape[0] == batch_size else value[:batch_size]
             hidden_states = F.scaled_dot_product_attention(

@@ -27,8 +27,9 @@ hook                        called
 A layer whose probabilities no hook (and no attention map) reads runs on the fused attention
 kernel. Two optional declarations, :meth:`EditRun.linear_cross_attention` and
 :meth:`EditRun.self_attention_is_source`, let an eager run keep an edited layer there too
-(the edit moves onto queries, keys and the text embeddings behind the values). Tensor shapes use ``(prompts, heads, queries, tokens)``, where prompt 0 is the source
-and prompts 1.. are the targets; only the conditional rows of the UNet batch are shown.
+(the edit moves onto queries, keys and the text embeddings behind the values). Tensor
+shapes use ``(prompts, heads, queries, tokens)``, where prompt 0 is the source and prompts
+1.. are the targets; only the conditional rows of the UNet batch are shown.
 
 **The step.** Hooks called inside the UNet get ``step`` as an ``int`` (0-based) in an eager
 run; under ``model.compile()`` they get a ``(1,)`` int64 tensor on the device holding it, so
