@@ -160,3 +160,38 @@ def test_source_row_is_plain_generation_bit_for_bit(tiny_model) -> None:
     edited = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=settings)
     plain = run_edit(tiny_model, [SOURCE, TARGET], [], settings=settings)
     assert torch.equal(edited.latents[0], plain.latents[0])
+
+
+@dataclass(frozen=True)
+class MuteValues(Edit):
+    """Halves the targets' cross-attention values through ``attention_inputs`` (no maps)."""
+
+    name = "mute-values"
+
+    def bind(self, run: RunContext) -> EditRun:
+        return MuteValuesRun()
+
+
+class MuteValuesRun(EditRun):
+    def uses_attention_inputs(self, layer, step):  # noqa: ANN001, ANN201
+        return layer.is_cross
+
+    def attention_inputs(self, query, key, value, layer, step):  # noqa: ANN001, ANN201
+        value = value.clone()
+        value[1:] *= 0.5
+        return query, key, value
+
+
+def test_a_batch_runs_another_jobs_input_hooks_on_fast_layers(tiny_model) -> None:
+    from p2p_framework import EditJob, run_edits
+
+    settings = EditSettings(**SETTINGS)
+    jobs = [
+        EditJob([SOURCE, TARGET], [Replace()], settings=settings),
+        EditJob([SOURCE, SOURCE], [MuteValues()], settings=settings),
+    ]
+    batched = run_edits(tiny_model, jobs)
+    assert batched[1].batch == [0, 1]
+    for job, result in zip(jobs, batched):
+        alone = run_edit(tiny_model, job.prompts, job.edits, settings=settings)
+        torch.testing.assert_close(result.latents, alone.latents, atol=2e-4, rtol=1e-4)
