@@ -6,9 +6,11 @@ original processors on :meth:`AttentionController.remove`. The denoising loop te
 controller the step index and which rows of the UNet batch are conditional before each UNet
 call (:meth:`AttentionController.begin_call`), so nothing depends on counting layer calls.
 
-Per layer call, the processor asks the controller whether anything reads or changes this
-layer's attention probabilities now; if not, it takes the fused
-``scaled_dot_product_attention`` path, exactly like diffusers' ``AttnProcessor2_0``.
+Per layer call, the processor asks the controller for the layer's route: if nothing reads
+or changes this layer's attention probabilities now, the fused
+``scaled_dot_product_attention`` path, exactly like diffusers' ``AttnProcessor2_0``; if the
+edits there are declared linear or copy the source (eager runs), the same fused kernel with
+the targets' queries, keys and value embeddings rewritten; else explicit probabilities.
 """
 
 from __future__ import annotations
