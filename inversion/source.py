@@ -191,10 +191,12 @@ class InvertingSource(Source):
     guidance_specific: ClassVar[bool] = True
 
     image: PathText | None = field(
-        default=None, metadata={"help": "photo to invert (path); or give inversion"}
+        default=None,
+        metadata={"help": "photo to invert (path); or give inversion", "path": True},
     )
     inversion: PathText | None = field(
-        default=None, metadata={"help": "saved .p2pinv file to use instead of an image"}
+        default=None,
+        metadata={"help": "saved .p2pinv file to use instead of an image", "path": True},
     )
     crop: tuple[Offset, Offset, Offset, Offset] | None = field(
         default=None,
@@ -203,7 +205,10 @@ class InvertingSource(Source):
     cache: bool = field(default=True, metadata={"help": "reuse and store cached inversions"})
     cache_dir: PathText | None = field(
         default=None,
-        metadata={"help": "cache folder (default $XDG_CACHE_HOME/p2p-framework/inversions)"},
+        metadata={
+            "help": "cache folder (default $XDG_CACHE_HOME/p2p-framework/inversions)",
+            "path": True,
+        },
     )
 
     def __post_init__(self) -> None:

@@ -24,7 +24,14 @@ from .edit import (
     SelfReplaceRun,
     Step,
 )
-from .errors import ModelLoadError, OptionError, P2PError, PluginError, PromptError
+from .errors import (
+    ModelLoadError,
+    OptionError,
+    P2PError,
+    PluginError,
+    PluginRunError,
+    PromptError,
+)
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
 from .options import OptionInfo, Plugin
@@ -62,6 +69,7 @@ __all__ = [
     "P2PError",
     "Plugin",
     "PluginError",
+    "PluginRunError",
     "PluginInfo",
     "PluginRegistry",
     "PromptError",

@@ -18,7 +18,7 @@ from collections.abc import Hashable, Iterator, Sequence
 import torch
 
 from .attention import FUSED, AttentionController, ProcessorInstaller
-from .errors import OptionError, P2PError
+from .errors import OptionError
 from .store import AttentionLayer
 
 
@@ -30,9 +30,11 @@ class ControllerGroup(ProcessorInstaller):
     (source first in each). The unconditional rows are laid out the same way and are never
     edited.
 
-    A :class:`~p2p_framework.errors.P2PError` raised by a job's controller (that is, by one of
-    its edits) is kept in :attr:`errors` and that job's controller is not called again, so the
-    other jobs of the batch go on; the loop decides whether to raise it.
+    Any exception (not only :class:`~p2p_framework.errors.P2PError`: a third-party edit's
+    ``ZeroDivisionError`` too) raised by a job's controller, that is by one of its edits'
+    hooks or ``uses_*`` predicates, is kept in :attr:`errors` and that job's controller is not
+    called again, so the other jobs of the batch go on; the loop decides whether to raise it
+    and names the plugin. ``KeyboardInterrupt`` and other ``BaseException`` s are not caught.
 
     Args:
         controllers: the jobs' controllers, in batch order; all for the same latent size.
@@ -52,7 +54,8 @@ class ControllerGroup(ProcessorInstaller):
         self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
         self.latent_size: tuple[int, int] = tuple(controllers[0].latent_size)  # type: ignore[assignment]
         self.static = any(c.static for c in self.controllers)
-        self.errors: dict[int, P2PError] = {}
+        #: job position -> the exception its controller raised (the job is out of the batch).
+        self.errors: dict[int, Exception] = {}
 
     @property
     def total_rows(self) -> int:
@@ -80,7 +83,7 @@ class ControllerGroup(ProcessorInstaller):
                 continue
             try:
                 controller.begin_call(step, rows)
-            except P2PError as error:  # raised by an edit's per-step declaration
+            except Exception as error:  # an edit's per-step declaration: its job only
                 self.errors[index] = error
 
     def _active(self) -> Iterator[tuple[int, AttentionController]]:
@@ -88,9 +91,20 @@ class ControllerGroup(ProcessorInstaller):
             if index not in self.errors:
                 yield index, controller
 
+    def _asks(self, question: str, layer: AttentionLayer) -> bool:
+        """Whether any active job's controller answers yes to ``question`` (``wants`` or
+        ``wants_inputs``); a controller that raises (an edit's ``uses_*``) drops its job."""
+        for index, controller in self._active():
+            try:
+                if getattr(controller, question)(layer):
+                    return True
+            except Exception as error:  # a plugin's bug fails its job only
+                self.errors[index] = error
+        return False
+
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether any job reads or changes this layer's probabilities in the current call."""
-        return any(c.wants(layer) for i, c in self._active())
+        return self._asks("wants", layer)
 
     def route(self, layer: AttentionLayer) -> int:
         """The layer's route for the whole batch: :data:`~p2p_framework.attention.MATERIALISE`
@@ -98,15 +112,24 @@ class ControllerGroup(ProcessorInstaller):
         job's edit rides on the fused kernel, else
         :data:`~p2p_framework.attention.FUSED`."""
         route = FUSED
-        for _, controller in self._active():
-            route = max(route, controller.route(layer))
+        for index, controller in self._active():
+            try:
+                route = max(route, controller.route(layer))
+            except Exception as error:  # a plugin's bug fails its job only
+                self.errors[index] = error
         return route
 
     def _cross_key_rows(self) -> list[tuple[int, int, int]]:
         return [rows for _, c in self._active() for rows in c._cross_key_rows()]
 
     def _substituted_rows(self, layer: AttentionLayer) -> list[tuple[int, int, int]]:
-        return [rows for _, c in self._active() for rows in c._substituted_rows(layer)]
+        found = []
+        for index, controller in self._active():
+            try:
+                found += controller._substituted_rows(layer)
+            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
+                self.errors[index] = error
+        return found
 
     def _edit_encoder_values(self, states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         for _, controller in self._active():
@@ -122,13 +145,16 @@ class ControllerGroup(ProcessorInstaller):
         layer: AttentionLayer,
     ) -> torch.Tensor:
         """Each job's :meth:`~p2p_framework.attention.AttentionController.add_source_terms`."""
-        for _, controller in self._active():
-            hidden = controller.add_source_terms(hidden, query, key, value, layer)
+        for index, controller in self._active():
+            try:
+                hidden = controller.add_source_terms(hidden, query, key, value, layer)
+            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
+                self.errors[index] = error
         return hidden
 
     def wants_inputs(self, layer: AttentionLayer) -> bool:
         """Whether any job changes this layer's queries, keys or values in the current call."""
-        return any(c.wants_inputs(layer) for i, c in self._active())
+        return self._asks("wants_inputs", layer)
 
     def attention_inputs(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: AttentionLayer
@@ -137,11 +163,10 @@ class ControllerGroup(ProcessorInstaller):
         changes only its own rows (shapes as in
         :meth:`~p2p_framework.attention.AttentionController.attention_inputs`)."""
         for index, controller in self._active():
-            if not controller.wants_inputs(layer):
-                continue
             try:
-                query, key, value = controller.attention_inputs(query, key, value, layer)
-            except P2PError as error:
+                if controller.wants_inputs(layer):
+                    query, key, value = controller.attention_inputs(query, key, value, layer)
+            except Exception as error:  # a plugin's bug fails its job only
                 self.errors[index] = error
         return query, key, value
 
@@ -156,11 +181,10 @@ class ControllerGroup(ProcessorInstaller):
             the same shape.
         """
         for index, controller in self._active():
-            if not controller.wants(layer):
-                continue
             try:
-                probs = controller.attend(probs, layer)
-            except P2PError as error:
+                if controller.wants(layer):
+                    probs = controller.attend(probs, layer)
+            except Exception as error:  # a plugin's bug fails its job only
                 self.errors[index] = error
         return probs
 

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import json
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -21,7 +22,9 @@ from typing import Any
 
 import click
 
-from .errors import P2PError
+from . import signals
+from .cpu_threads import THREADS_ENV
+from .errors import OptionError, P2PError, PluginRunError
 from .model import DTYPES
 from .runner import AUTO_BATCH_ROWS, MODEL_ENV
 from .spec import SHORTCUTS
@@ -30,8 +33,10 @@ from .spec import SHORTCUTS
 EXIT_USAGE = 2
 #: Exit status of a pipeline with failed jobs, and of an internal error.
 EXIT_FAILED = 1
-#: Exit status after Ctrl-C.
+#: Exit status after Ctrl-C (SIGINT).
 EXIT_INTERRUPTED = 130
+#: Exit status after SIGTERM.
+EXIT_TERMINATED = 143
 
 
 class _State:
@@ -87,44 +92,58 @@ class P2PGroup(click.Group):
     ) -> Any:
         args = list(sys.argv[1:] if args is None else args)
         _state.debug = _state.quiet = False
-        try:
-            result = super().main(
-                args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
-            )
-            code = result if isinstance(result, int) else 0
-        except click.exceptions.NoArgsIsHelpError as error:
-            click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
-            code = EXIT_USAGE
-        except click.ClickException as error:
-            message = error.format_message()
-            ctx = getattr(error, "ctx", None)
-            if isinstance(error, click.UsageError) and ctx is not None:
-                message += f" (see '{ctx.command_path} --help')"
-            click.echo(f"Error: {message}", err=True)
-            code = error.exit_code
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            click.echo("Interrupted; no half-written file was left.", err=True)
-            code = EXIT_INTERRUPTED
-        except P2PError as error:
-            if _state.debug:
-                traceback.print_exc()
-            click.echo(f"Error: {_one_line(str(error))}", err=True)
-            code = EXIT_USAGE
-        except OSError as error:
-            if _state.debug:
-                traceback.print_exc()
-            where = f" ({error.filename})" if error.filename else ""
-            click.echo(f"Error: {error.strerror or error}{where}", err=True)
-            code = EXIT_USAGE
-        except Exception as error:  # a bug: say so in one line, --debug shows where
-            if _state.debug:
-                traceback.print_exc()
-            hint = "" if _state.debug else " (run with --debug for the traceback)"
-            click.echo(
-                f"Error: internal error: {type(error).__name__}: {_one_line(str(error))}{hint}",
-                err=True,
-            )
-            code = EXIT_FAILED
+        with signals.handling():  # SIGTERM ends a run as Ctrl-C does
+            try:
+                result = super().main(
+                    args, prog_name or "p2p-run", complete_var, standalone_mode=False, **extra
+                )
+                code = result if isinstance(result, int) else 0
+            except click.exceptions.NoArgsIsHelpError as error:
+                click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
+                code = EXIT_USAGE
+            except click.ClickException as error:
+                message = error.format_message()
+                ctx = getattr(error, "ctx", None)
+                if isinstance(error, click.UsageError) and ctx is not None:
+                    message += f" (see '{ctx.command_path} --help')"
+                click.echo(f"Error: {message}", err=True)
+                code = error.exit_code
+            except (click.exceptions.Abort, KeyboardInterrupt) as error:
+                terminated = signals.pending() == signal.SIGTERM or isinstance(
+                    error.__cause__ or error, signals.Terminated
+                )
+                if terminated:
+                    click.echo("Terminated (SIGTERM); no half-written file was left.", err=True)
+                    code = EXIT_TERMINATED
+                else:
+                    click.echo("Interrupted; no half-written file was left.", err=True)
+                    code = EXIT_INTERRUPTED
+            except PluginRunError as error:  # a plugin's bug: name it; exit 1 like a failed job
+                if _state.debug:
+                    traceback.print_exc()
+                hint = "" if _state.debug else " (run with --debug for the traceback)"
+                click.echo(f"Error: {_one_line(str(error))}{hint}", err=True)
+                code = EXIT_FAILED
+            except P2PError as error:
+                if _state.debug:
+                    traceback.print_exc()
+                click.echo(f"Error: {_one_line(str(error))}", err=True)
+                code = EXIT_USAGE
+            except OSError as error:
+                if _state.debug:
+                    traceback.print_exc()
+                where = f" ({error.filename})" if error.filename else ""
+                click.echo(f"Error: {error.strerror or error}{where}", err=True)
+                code = EXIT_USAGE
+            except Exception as error:  # a bug: say so in one line, --debug shows where
+                if _state.debug:
+                    traceback.print_exc()
+                hint = "" if _state.debug else " (run with --debug for the traceback)"
+                click.echo(
+                    f"Error: internal error: {type(error).__name__}: {_one_line(str(error))}{hint}",
+                    err=True,
+                )
+                code = EXIT_FAILED
         if standalone_mode:
             sys.exit(code)
         return code
@@ -202,8 +221,17 @@ _MODEL_DEFAULTS = {
 }
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from .cpu_threads import use_threads
+
+    try:
+        return use_threads(value)
+    except OptionError as error:
+        raise click.BadParameter(error.message, ctx, param) from None
+
+
 def _model_options(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--model --revision --device --dtype --compile/--no-compile``, declared once; in
+    """``--model --revision --device --dtype --compile/--no-compile --threads``, declared once; in
     ``scope`` ``run`` they have defaults, elsewhere None means "as recorded / as the file"."""
     auto = {"default": "auto", "show_default": True} if scope == "run" else {}
 
@@ -222,6 +250,19 @@ def _model_options(scope: str) -> Callable[[Callable[..., Any]], Callable[..., A
         click.option("--device", help=text("device"), **auto),
         click.option("--dtype", type=click.Choice(DTYPES), help=text("dtype"), **auto),
         click.option("--compile/--no-compile", "compile_unet", default=None, help=text("compile")),
+        click.option(
+            "--threads",
+            envvar=THREADS_ENV,
+            show_envvar=True,
+            default="auto",
+            show_default=True,
+            metavar="N|auto",
+            expose_value=False,
+            callback=_set_threads,
+            help="CPU threads for PyTorch; auto takes the cores no other process is busy on "
+            "(all of them on an idle machine). Another job on the same cores slows a run "
+            "tenfold unless this leaves them out. E.g. --threads 1",
+        ),
     ]
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -265,8 +306,14 @@ def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--out",
             type=click.Path(file_okay=False, path_type=Path),
-            help="Output folder (created). Default: a new p2p-out/MODE-DATE-TIME. "
-            "E.g. --out out/lion",
+            help="Output folder (created). Default: a new p2p-out/MODE-DATE-TIME. A folder "
+            "holding another run is refused unless --overwrite. E.g. --out out/lion",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace an --out folder that holds an earlier run, whole (when this run is "
+            "done; a failed run leaves it as it was).",
         ),
         click.option(
             "--save-attention",
@@ -318,14 +365,23 @@ def _argv() -> list[str]:
     return ["p2p-run", *root.meta.get("p2p.argv", [])]
 
 
-def _default_out(mode: str) -> Path:
+def _default_out(mode: str) -> Any:
+    """Claim a new ``p2p-out/MODE-DATE-TIME`` folder (``-2``, ``-3``... when it exists or
+    another run started in the same second has claimed it)."""
+    from .outputs import OutputError, RunFolder
+
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("p2p-out") / f"{mode}-{stamp}"
     candidate, n = base, 1
-    while candidate.exists():
+    while True:
+        if not candidate.exists():
+            try:
+                return RunFolder.claim(candidate)
+            except OutputError:
+                if n > 100:
+                    raise
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 @contextlib.contextmanager
@@ -377,14 +433,18 @@ def _describe(spec: Any) -> str:
 
 
 def _load_model(name: str, **kwargs: Any) -> Any:
+    import torch
+
     from .model import load_model
     from .outputs import dtype_name
 
     _log(f"Loading model {name}")
     began = time.perf_counter()
     model = load_model(name, **kwargs)
+    signals.raise_pending()  # a Ctrl-C swallowed while loading (in a __del__) ends the run here
     seconds = time.perf_counter() - began
-    _log(f"Loaded in {seconds:.1f} s on {model.device} ({dtype_name(model.dtype)})")
+    threads = f", {torch.get_num_threads()} CPU threads" if model.device.type == "cpu" else ""
+    _log(f"Loaded in {seconds:.1f} s on {model.device} ({dtype_name(model.dtype)}{threads})")
     if model.compiled:
         _log(
             f"torch.compile ({model.compile_mode}): the first UNet calls compile, which takes "
@@ -393,30 +453,37 @@ def _load_model(name: str, **kwargs: Any) -> Any:
     return model
 
 
-def _execute(spec: Any, out: Path | None, as_json: bool) -> None:
+def _execute(spec: Any, out: Path | None, as_json: bool, overwrite: bool = False) -> None:
     from .runner import ModelCache, model_from_env, run_job
 
     _quiet_libraries()
     registry = _registry()
     _warn_broken_plugins(registry)
-    out = out if out is not None else _default_out(spec.mode)
     model_name = model_from_env(spec.model)
 
     def loader(name: str, **kwargs: Any) -> Any:
         return _load_model(name, **kwargs)
 
     spec.model = model_name
-    _log(f"Running {spec.mode}: {_describe(spec)}")
-    with _progress(spec.mode) as progress:
-        record, paths = run_job(
-            spec,
-            out,
-            registry=registry,
-            models=ModelCache(loader),
-            progress=progress,
-            command=_argv(),
-            warn=_warn,
-        )
+    target = out if out is not None else _default_out(spec.mode)
+    try:
+        _log(f"Running {spec.mode}: {_describe(spec)}")
+        with _progress(spec.mode) as progress:
+            record, paths = run_job(
+                spec,
+                target,
+                registry=registry,
+                models=ModelCache(loader),
+                progress=progress,
+                command=_argv(),
+                warn=_warn,
+                overwrite=overwrite,
+            )
+    except BaseException:
+        if not isinstance(target, Path):  # the default folder claimed above: give it up
+            target.abort()
+        raise
+    out = getattr(target, "target", target)
     _log(f"Wrote {len(paths)} files to {out} in {record['timings'].get('total', 0):.1f} s")
     if as_json:
         click.echo(json.dumps(record, ensure_ascii=False))
@@ -504,7 +571,8 @@ def edit_command(
     from .spec import spec_from_job
 
     job = _job("edit", options, prompt=prompt, targets=list(targets), edits=list(edits))
-    _execute(spec_from_job(job, _registry()), options["out"], options["as_json"])
+    spec = spec_from_job(job, _registry())
+    _execute(spec, options["out"], options["as_json"], options["overwrite"])
 
 
 @cli.command("generate")
@@ -534,7 +602,8 @@ def generate_command(prompts: tuple[str, ...], **options: Any) -> None:
     from .spec import spec_from_job
 
     job = _job("generate", options, prompts=list(prompts))
-    _execute(spec_from_job(job, _registry()), options["out"], options["as_json"])
+    spec = spec_from_job(job, _registry())
+    _execute(spec, options["out"], options["as_json"], options["overwrite"])
 
 
 @cli.command("rerun")
@@ -545,11 +614,18 @@ def generate_command(prompts: tuple[str, ...], **options: Any) -> None:
     help="Output folder. Default: a new p2p-out/MODE-DATE-TIME. E.g. --out out/again",
 )
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an --out folder that holds an earlier run, whole, when this run is done.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the new run record instead of the paths."
 )
 @_model_options("rerun")
 @_verbosity
-def rerun_command(record: Path, out: Path | None, as_json: bool, **options: Any) -> None:
+def rerun_command(
+    record: Path, out: Path | None, overwrite: bool, as_json: bool, **options: Any
+) -> None:
     """Run again what a run.json records: same model, prompts, plugins, options and settings.
 
     On the same machine, device and library versions the images are identical, byte for byte.
@@ -568,7 +644,7 @@ def rerun_command(record: Path, out: Path | None, as_json: bool, **options: Any)
     spec.device = options["device"] or spec.device
     spec.dtype = options["dtype"] or spec.dtype
     spec.compile = spec.compile if options["compile_unet"] is None else options["compile_unet"]
-    _execute(spec, out, as_json)
+    _execute(spec, out, as_json, overwrite)
 
 
 @cli.command("plugins")
@@ -642,6 +718,12 @@ def _batch_rows(ctx: click.Context, param: click.Parameter, value: Any) -> int |
     "Each job's images are the same either way, up to float rounding. E.g. --batch-rows 32",
 )
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace job folders that hold an earlier run (each when its job is done). Without "
+    "it such a job fails, its folder untouched, and the others run.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -650,7 +732,12 @@ def _batch_rows(ctx: click.Context, param: click.Parameter, value: Any) -> int |
 @_model_options("pipeline")
 @_verbosity
 def run_command(
-    pipeline_file: Path, out: Path | None, batch_rows: int | str, as_json: bool, **options: Any
+    pipeline_file: Path,
+    out: Path | None,
+    batch_rows: int | str,
+    overwrite: bool,
+    as_json: bool,
+    **options: Any,
 ) -> None:
     """Run the jobs of a pipeline file (TOML), loading each model once and batching the jobs
     that can share a UNet batch (--batch-rows).
@@ -728,6 +815,7 @@ def run_command(
             command=_argv(),
             warn=_warn,
             max_batch_rows=batch_rows,
+            overwrite=overwrite,
         )
     failed = [o.name for o in outcomes if not o.ok]
     _log(f"{len(outcomes) - len(failed)} of {len(outcomes)} job(s) succeeded")

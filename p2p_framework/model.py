@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +284,16 @@ class StableDiffusionModel:
         return classes[name].from_config(config)
 
 
+def _dtype_keyword(diffusers_version: str) -> str:
+    """The name ``from_pretrained`` takes the dtype by in this diffusers release.
+
+    diffusers 0.40 renamed ``torch_dtype`` to ``dtype`` (the old name warns); releases before
+    it ignore ``dtype`` silently, which would load a float16 request in float32.
+    """
+    major, minor = (int(part) for part in re.findall(r"\d+", diffusers_version)[:2])
+    return "dtype" if (major, minor) >= (0, 40) else "torch_dtype"
+
+
 def load_model(
     model: str | os.PathLike[str],
     *,
@@ -319,7 +330,7 @@ def load_model(
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
             str(path) if looks_local else text,
-            dtype=torch_dtype,
+            **{_dtype_keyword(diffusers.__version__): torch_dtype},
             revision=revision,
             safety_checker=None,
             requires_safety_checker=False,

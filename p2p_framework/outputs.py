@@ -10,8 +10,11 @@ Everything here is Python API as well as the back end of ``p2p-run``::
                       [get_registry().build("edit", "replace")])
     write_run(result, "out/dog", model=model)   # source.png, target-1.png, grid.png, run.json
 
-Files are written atomically (a temporary file in the same folder, then ``os.replace``), so an
-error or Ctrl-C never leaves a half-written PNG or ``run.json``; ``run.json`` is written last.
+A run's files appear together or not at all: :class:`RunFolder` claims the output folder
+before the run (a lock beside it, and a fresh hidden staging folder), the files are written
+into the staging folder (each atomically), and the staging folder is renamed into place when
+all are written. An error, a full disk or Ctrl-C leaves the output folder as it was. A folder
+that holds another run is refused unless ``overwrite`` is given; then it is replaced whole.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ import io
 import json
 import os
 import platform
+import re
 import secrets
+import shutil
+import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -143,6 +150,278 @@ def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
             f"output folder {str(path)!r} is not writable: {error.strerror or error}"
         ) from error
     return path
+
+
+# -- run folders ----------------------------------------------------------------------------
+
+#: Names a run writes into its folder (and the atomic writer's leftovers): a folder holding
+#: only these holds a run, which ``overwrite`` may replace.
+RUN_FILE = re.compile(
+    r"(run\.json|grid\.png|attention\.png|source\.png|target-\d+\.png|image-\d+\.png"
+    r"|\..+\.tmp)"
+)
+
+
+class OutputLockedError(OutputError):
+    """Another process is writing a run into the same output folder."""
+
+
+def _block_signals() -> Any:
+    """Block SIGINT and SIGTERM in the main thread (the handlers run once unblocked): the two
+    renames of a swap are not split by Ctrl-C. A no-op where it cannot be done."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def blocked() -> Any:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    return blocked()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+class RunFolder:
+    """An output folder claimed for one run: the run writes into :attr:`staging` and
+    :meth:`commit` swaps it in whole.
+
+    :meth:`claim` (before the model loads, so a bad ``--out`` fails at once):
+
+    - takes a lock beside the folder (``.NAME.p2p-lock``, an ``flock``); a second run on the
+      same folder is refused at once (:class:`OutputLockedError`), not queued;
+    - refuses a folder that holds another run (``run.json`` or a run's images) unless
+      ``overwrite``, and always refuses a folder holding other files (nothing of the user's
+      is ever deleted); an empty folder is fine;
+    - creates the hidden staging folder ``.NAME.p2p-new-XXXX`` beside it (the write test),
+      after removing the staging folders of runs that were killed.
+
+    :meth:`commit` renames the staging folder to the target (an existing target is first
+    renamed aside and removed after, so a folder with the earlier run's files never shows a
+    mix), :meth:`abort` removes it; both release the lock. Until :meth:`commit`, the target
+    is untouched: an error, a full disk, Ctrl-C or SIGTERM leave it as it was (an earlier run
+    stays whole; a new folder is never created).
+
+    Args:
+        target: the output folder.
+        overwrite: replace a folder that holds another run.
+
+    Attributes:
+        target: the output folder (as given).
+        staging: where the run writes its files until :meth:`commit`.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        self.target = Path(target)
+        self.overwrite = overwrite
+        self._absolute = Path(os.path.abspath(self.target))
+        self._lock_fd: int | None = None
+        self.staging = self._absolute  # set by claim()
+
+    @classmethod
+    def claim(cls, target: str | os.PathLike[str], *, overwrite: bool = False) -> RunFolder:
+        """Lock, check and stage ``target`` (see the class docstring).
+
+        Raises:
+            OutputError: it is a file, holds another run (without ``overwrite``) or other
+                files, or cannot be created or written; :class:`OutputLockedError`: another
+                run holds it.
+        """
+        folder = cls(target, overwrite=overwrite)
+        folder._lock()
+        try:
+            folder._check()
+            folder._stage()
+        except BaseException:
+            folder._unlock()
+            raise
+        return folder
+
+    # -- claim ---------------------------------------------------------------------------
+    def _sibling(self, kind: str) -> Path:
+        return self._absolute.with_name(f".{self._absolute.name}.p2p-{kind}")
+
+    def _shown(self) -> str:
+        return repr(str(self.target))
+
+    def _lock(self) -> None:
+        if self.target.exists() and not self.target.is_dir():
+            raise OutputError(f"output folder {self._shown()} is a file")
+        try:
+            self._absolute.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(
+                f"cannot create output folder {self._shown()}: {error.strerror or error}"
+            ) from error
+        path = self._sibling("lock")
+        for _ in range(10):  # the holder may unlink the file between our open and lock
+            try:
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise OutputError(
+                    f"output folder {self._shown()} is not writable: {error.strerror or error}"
+                ) from error
+            try:
+                if not _try_lock(descriptor):
+                    holder = os.read(descriptor, 32).decode(errors="replace").strip()
+                    by = f" (pid {holder})" if holder.isdigit() else ""
+                    raise OutputLockedError(
+                        f"output folder {self._shown()} is in use by another p2p-run{by}; "
+                        "wait for it to finish or choose another --out"
+                    )
+                if os.fstat(descriptor).st_ino != os.stat(path).st_ino:
+                    os.close(descriptor)
+                    continue
+                os.ftruncate(descriptor, 0)
+                os.write(descriptor, str(os.getpid()).encode())
+            except FileNotFoundError:
+                os.close(descriptor)
+                continue
+            except BaseException:
+                os.close(descriptor)
+                raise
+            self._lock_fd = descriptor
+            return
+        raise OutputLockedError(f"output folder {self._shown()}: cannot take its lock")
+
+    def _check(self) -> None:
+        parent, name = self._absolute.parent, self._absolute.name
+        # Leftovers of killed runs (we hold the lock, so none is in use): an earlier run
+        # renamed aside but not replaced comes back; staging folders go.
+        olds = sorted(parent.glob(f".{glob_escape(name)}.p2p-old-*"))
+        for old in olds:
+            if not self._absolute.exists():
+                with contextlib.suppress(OSError):
+                    os.rename(old, self._absolute)
+                continue  # restored, or kept if it could not be
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in parent.glob(f".{glob_escape(name)}.p2p-new-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if not self._absolute.is_dir():
+            return
+        try:
+            entries = sorted(os.listdir(self._absolute))
+        except OSError as error:
+            raise OutputError(
+                f"cannot read output folder {self._shown()}: {error.strerror or error}"
+            ) from error
+        if not entries:
+            return
+        foreign = [e for e in entries if not RUN_FILE.fullmatch(e)]
+        if foreign:
+            listed = ", ".join(repr(e) for e in foreign[:3]) + (", ..." if foreign[3:] else "")
+            raise OutputError(
+                f"output folder {self._shown()} is not empty and holds files that are not a "
+                f"run's ({listed}); choose a new or empty folder (--overwrite replaces only a "
+                "folder holding a run)"
+            )
+        if not self.overwrite:
+            what = "run.json" if "run.json" in entries else "a run's images, no run.json"
+            raise OutputError(
+                f"output folder {self._shown()} holds another run ({what}); pass --overwrite "
+                "to replace it, or choose another --out"
+            )
+
+    def _stage(self) -> None:
+        staging = self._sibling(f"new-{secrets.token_hex(4)}")
+        try:
+            staging.mkdir()
+            probe = staging / ".p2p-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputError(
+                f"output folder {self._shown()} is not writable: {error.strerror or error}"
+            ) from error
+        self.staging = staging
+
+    # -- end -----------------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Swap the staging folder in as the target (replacing an earlier run there) and
+        release the lock; returns the target.
+
+        Raises:
+            OutputError: the rename failed (the target is then as it was).
+        """
+        from .signals import raise_pending
+
+        try:
+            raise_pending()  # a signal swallowed since the last check ends the run here
+            _fsync_dir(self.staging)
+            with _block_signals():
+                self._swap()
+            _fsync_dir(self._absolute.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._unlock()
+        return self.target
+
+    def _swap(self) -> None:
+        old = None
+        try:
+            if self._absolute.exists():
+                # Only an empty folder or (with overwrite) a run's folder gets here; it was
+                # checked under the lock, and is removed only once the new run is in place.
+                old = self._sibling(f"old-{secrets.token_hex(4)}")
+                os.rename(self._absolute, old)
+            try:
+                os.rename(self.staging, self._absolute)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, self._absolute)
+                raise
+        except OSError as error:
+            raise OutputError(
+                f"cannot move the run into {self._shown()}: {error.strerror or error}"
+            ) from error
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove the staging folder and release the lock; the target stays as it was."""
+        if self.staging != self._absolute:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self._sibling("lock"))  # while still holding it (see _lock)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters quoted."""
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+def _try_lock(descriptor: int) -> bool:
+    """Take an exclusive ``flock`` without waiting; False if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock; the other checks still apply
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 # -- drawing --------------------------------------------------------------------------------
@@ -352,8 +631,24 @@ def plugin_record(plugin: Any, kind: str, registry: Any = None) -> dict[str, Any
         "package": info.package if info else "unknown",
         "version": info.version if info else "unknown",
         "plugin": info.plugin if info else type(plugin).__module__,
-        "options": json_ready(plugin.option_values()),
+        "options": json_ready(absolute_paths(plugin, plugin.option_values())),
     }
+
+
+def absolute_paths(plugin: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with every relative path made absolute (against the current folder), so a
+    record reruns from any folder. A path option is a dataclass field declared with
+    ``metadata={"path": True}`` (e.g. a source's ``image`` and ``inversion``)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(plugin):
+        return options
+    options = dict(options)
+    for item in dataclasses.fields(plugin):
+        value = options.get(item.name)
+        if item.metadata.get("path") and isinstance(value, str) and value:
+            options[item.name] = os.path.abspath(value)
+    return options
 
 
 def dtype_name(dtype: Any) -> str:
@@ -402,6 +697,7 @@ def run_record(
         "command": shlex.join(argv),
         "argv": argv,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cwd": os.getcwd(),
         "model": {
             **json_ready(dict(model.identity)),
             "device": str(model.device),
@@ -432,7 +728,7 @@ def output_names(mode: str, count: int) -> list[str]:
 
 def write_run(
     result: Any,
-    out_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | RunFolder,
     model: Any,
     *,
     mode: str = "edit",
@@ -442,22 +738,65 @@ def write_run(
     command: Sequence[str] | None = None,
     name: str | None = None,
     started: float | None = None,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Write a run's files into ``out_dir`` and return ``(record, paths)``.
 
     Writes one PNG per prompt (:func:`output_names`), ``grid.png`` (all images side by side,
     captioned with their prompts; for ``generate`` only when there are several),
     ``attention.png`` when ``save_attention`` (:func:`attention_image`), and ``run.json``
-    (:func:`run_record`), last. Every file is written atomically. ``started`` (a
-    ``time.perf_counter()`` value) adds the ``total`` timing.
+    (:func:`run_record`), last. The files appear together or not at all (a
+    :class:`RunFolder`: written into a staging folder beside ``out_dir``, then swapped in).
+    ``started`` (a ``time.perf_counter()`` value) adds the ``total`` timing.
+
+    Args:
+        out_dir: the folder, or a :class:`RunFolder` claimed before the run (committed here).
+        overwrite: replace a folder that holds another run (when ``out_dir`` is a path).
 
     Raises:
-        OutputError: a file cannot be written.
+        OutputError: ``out_dir`` holds another run (without ``overwrite``), is locked by
+            another run, or a file cannot be written; ``out_dir`` is then as it was.
     """
+    folder = (
+        out_dir if isinstance(out_dir, RunFolder) else RunFolder.claim(out_dir, overwrite=overwrite)
+    )
+    try:
+        record, names = _write_files(
+            result,
+            folder.staging,
+            model,
+            mode=mode,
+            save_attention=save_attention,
+            registry=registry,
+            timings=timings,
+            command=command,
+            name=name,
+            started=started,
+        )
+    except BaseException:
+        folder.abort()
+        raise
+    target = folder.commit()
+    return record, [target / file for file in names]
+
+
+def _write_files(
+    result: Any,
+    out: Path,
+    model: Any,
+    *,
+    mode: str,
+    save_attention: bool,
+    registry: Any,
+    timings: dict[str, float] | None,
+    command: Sequence[str] | None,
+    name: str | None,
+    started: float | None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Write the run's files into ``out``; returns the record and the file names written."""
     import time
 
     began = time.perf_counter()
-    out = prepare_output_dir(out_dir)
     names = output_names(mode, len(result.images))
     paths = [save_png(image, out / file) for image, file in zip(result.images, names)]
     outputs: dict[str, Any] = {"images": names, "grid": None, "attention": None}
@@ -485,4 +824,4 @@ def write_run(
         save_attention=save_attention,
     )
     paths.append(save_json(record, out / "run.json"))
-    return record, paths
+    return record, [path.name for path in paths]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -23,10 +24,11 @@ from pydantic_core import PydanticCustomError
 from .attention import AttentionController
 from .batch import ControllerGroup, plan_batches
 from .edit import Edit, EditRun, RunContext
-from .errors import OptionError, P2PError, PromptError
+from .errors import OptionError, P2PError, PluginRunError, PromptError
 from .model import StableDiffusionModel
 from .options import validate_fields
 from .schedules import OWNER, CrossReplace, StepWindow, cross_replace_table, self_replace_window
+from .signals import raise_pending
 from .source import Source, SourceRequest, SourceStart, StepGuide
 from .store import AttentionStore
 
@@ -305,6 +307,7 @@ def _prepare_job(
         )
     )
     timings = {"source": time.perf_counter() - began}
+    raise_pending()  # a signal swallowed during the source's work (an inversion) ends it here
     return _PreparedJob(
         index,
         prompts,
@@ -331,6 +334,59 @@ def _check_jobs(jobs: Sequence[EditJob]) -> list[EditJob]:
     return jobs
 
 
+def _plugin_objects(job: EditJob | _PreparedJob) -> list[tuple[object, object, str]]:
+    """``(object, plugin, kind)`` for every object whose methods run a job's plugin code: its
+    edits and their runs, its source and the source's step guide."""
+    edits = list(job.edits)
+    objects: list[tuple[object, object, str]] = [(edit, edit, "edit") for edit in edits]
+    source = job.source
+    if isinstance(job, _PreparedJob):
+        objects += [(run, edit, "edit") for run, edit in zip(job.runs, edits)]
+        if job.start.guide is not None:
+            objects.append((job.start.guide, source, "source"))
+    if source is not None:
+        objects.append((source, source, "source"))
+    return objects
+
+
+_CORE_MODULES = ("p2p_framework.",)
+_PLUGIN_MODULES = ("p2p_framework.plugins.", "p2p_framework.inversion.")
+
+
+def _is_core(module: str) -> bool:
+    """Whether ``module`` is p2p-framework's own loop code (not a plugin's)."""
+    return module.startswith(_CORE_MODULES) and not module.startswith(_PLUGIN_MODULES)
+
+
+def job_error(error: Exception, job: EditJob | _PreparedJob) -> Exception:
+    """The error to report for a job whose code raised ``error``.
+
+    :class:`P2PError` and ``OSError`` (bad input, an unreadable file) are returned as they
+    are. Any other exception is traced to the plugin whose code raised it: the innermost frame
+    of its traceback whose ``self`` is one of the job's edits, edit runs, source or step
+    guide (else whose module is such an object's module, for a plugin's helper function);
+    it comes back as a :class:`PluginRunError` naming that plugin and hook. An exception of
+    p2p-framework's own code (no plugin frame) is returned unchanged (a bug).
+    """
+    if isinstance(error, (P2PError, OSError)):
+        return error
+    objects = _plugin_objects(job)
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+    for frame in reversed(frames):
+        owner = frame.f_locals.get("self")
+        for obj, plugin, kind in objects:
+            if owner is obj:
+                return PluginRunError(plugin, kind, error, frame.f_code.co_name)
+    for frame in reversed(frames):
+        module = str(frame.f_globals.get("__name__", ""))
+        if _is_core(module):
+            continue
+        for obj, plugin, kind in objects:
+            if type(obj).__module__ == module:
+                return PluginRunError(plugin, kind, error, frame.f_code.co_name)
+    return error
+
+
 def iter_edits(
     model: StableDiffusionModel,
     jobs: Sequence[EditJob],
@@ -338,7 +394,7 @@ def iter_edits(
     max_batch_rows: int | None = None,
     progress: ProgressCallback | None = None,
     errors: str = "raise",
-) -> Iterator[tuple[int, EditResult | P2PError | OSError]]:
+) -> Iterator[tuple[int, EditResult | Exception]]:
     """Run jobs, batching those that can share a UNet batch; yield each job's result as soon
     as its batch is done.
 
@@ -359,9 +415,12 @@ def iter_edits(
             ``info["phase"] == "source"`` and ``info["job"]`` (its index), and after each
             denoising step of a batch with ``info["phase"] == "denoise"`` and
             ``info["jobs"]`` (the indices of the batch's jobs).
-        errors: ``"raise"``: a job's :class:`P2PError` (or ``OSError``, e.g. an unreadable
-            photo) is raised at once; ``"return"``: it is yielded in place of the job's result
-            and the other jobs go on.
+        errors: ``"raise"``: a job's error is raised at once; ``"return"``: it is yielded in
+            place of the job's result and the other jobs go on. A job's error is a
+            :class:`P2PError` (bad input; a :class:`PluginRunError` when a plugin's code
+            raised anything else, see :func:`job_error`), an ``OSError`` (e.g. an unreadable
+            photo), or any other exception of a job's own setup. Errors of the whole batch
+            (the UNet, the VAE, out of memory) and ``KeyboardInterrupt`` are always raised.
 
     Yields:
         ``(job index, EditResult)``, or ``(job index, error)`` with ``errors="return"``; in
@@ -393,10 +452,13 @@ def iter_edits(
         for index in batch:
             try:
                 prepared.append(_prepare_job(model, jobs[index], index, resolved[index], progress))
-            except (P2PError, OSError) as error:
+            except Exception as error:  # a plugin's bind or prepare: this job fails alone
+                reported = job_error(error, jobs[index])
                 if errors == "raise":
-                    raise
-                yield index, error
+                    if reported is error:
+                        raise
+                    raise reported from error
+                yield index, reported
         if prepared:
             yield from _run_batch(model, prepared, progress, raise_errors=errors == "raise")
 
@@ -423,7 +485,8 @@ def run_edits(
         what :func:`run_edit` gives for that job alone.
 
     Raises:
-        P2PError: the first job that fails (nothing is returned then).
+        P2PError: the first job that fails (nothing is returned then); a
+            :class:`PluginRunError` when a plugin's code raised another exception.
     """
     results: dict[int, EditResult] = {}
     for index, result in iter_edits(
@@ -471,8 +534,9 @@ def _run_batch(
     progress: ProgressCallback | None,
     *,
     raise_errors: bool,
-) -> Iterator[tuple[int, EditResult | P2PError]]:
-    """Denoise prepared jobs in one UNet batch, decode each, and yield their results."""
+) -> Iterator[tuple[int, EditResult | Exception]]:
+    """Denoise prepared jobs in one UNet batch, decode each, and yield their results (a job
+    whose plugin failed: its error, see :func:`job_error`)."""
     group = ControllerGroup([job.controller for job in jobs], [len(job.prompts) for job in jobs])
     began = time.perf_counter()
     latents = _denoise(model, jobs, group, progress, raise_errors=raise_errors)
@@ -481,7 +545,7 @@ def _run_batch(
     for position, (job, job_latents) in enumerate(zip(jobs, latents)):
         error = group.errors.get(position)
         if error is not None:
-            yield job.index, error
+            yield job.index, job_error(error, job)
             continue
         began = time.perf_counter()
         images = to_pil(model.decode(job_latents))
@@ -552,7 +616,20 @@ def _denoise(
 
     def check_errors() -> None:
         if raise_errors and group.errors:
-            raise next(iter(group.errors.values()))
+            position, error = next(iter(group.errors.items()))
+            reported = job_error(error, jobs[position])
+            if reported is error:
+                raise error
+            raise reported from error
+
+    def null_embedding(position: int, job: _PreparedJob) -> torch.Tensor | None:
+        if position in group.errors:
+            return empty
+        try:
+            return _uncond_embedding(job.start.guide, step, empty)
+        except Exception as error:  # the source's guide: its job fails alone
+            group.errors[position] = error
+            return empty
 
     with group.installed(model.unet):
         for step, t in enumerate(timesteps):
@@ -561,7 +638,7 @@ def _denoise(
             )
             if guided:
                 # Each job's source may give its own unconditional embedding per step.
-                nulls = [_uncond_embedding(job.start.guide, step, empty) for job in jobs]
+                nulls = [null_embedding(position, job) for position, job in enumerate(jobs)]
                 uncond = torch.cat(
                     [
                         null.to(device=device, dtype=dtype).expand(len(job.prompts), -1, -1)
@@ -591,16 +668,19 @@ def _denoise(
                 x = job.scheduler.step(
                     noise, t, latents[index], **step_kwargs[index], return_dict=False
                 )[0]
-                if job.start.guide is not None:
-                    x = job.start.guide.after_step(x, step)
                 if index not in group.errors:
+                    # The source's guide and the edits' after_step are plugin code: any
+                    # exception fails this job only (the others' rows are not touched).
                     try:
+                        if job.start.guide is not None:
+                            x = job.start.guide.after_step(x, step)
                         for edit_run in job.runs:
                             x = edit_run.after_step(x, step)
-                    except P2PError as error:
+                    except Exception as error:
                         group.errors[index] = error
                 latents[index] = x
             check_errors()
+            raise_pending()  # a Ctrl-C/SIGTERM swallowed (in a __del__) ends the run here
             if progress is not None:
                 progress(step + 1, len(timesteps), {"phase": "denoise", "jobs": batch})
     return latents

@@ -4,7 +4,6 @@ lifecycle, one run (:func:`run_job`) and a pipeline file's jobs in UNet batches
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -12,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import P2PError
+from .errors import P2PError, PluginRunError
 from .model import load_model
-from .outputs import prepare_output_dir, write_run
+from .outputs import RunFolder, write_run
 from .pipeline import EditJob, iter_edits, run_edit
 from .pipeline_file import Pipeline, pipeline_job_spec
 from .registry import PluginRegistry, get_registry
+from .signals import raise_pending
 from .spec import JobError, RunSpec
 
 #: Environment variable naming the model when ``--model`` (or a pipeline's ``model``) is absent.
@@ -73,6 +73,7 @@ class ModelCache:
             compile=spec.compile,
         )
         self.loads += 1
+        raise_pending()  # a Ctrl-C swallowed while loading (in a __del__) ends the run here
         self._models[key] = model
         while len(self._models) > self._size:
             self._models.pop(next(iter(self._models)))
@@ -95,27 +96,38 @@ def model_changed(spec: RunSpec, model: Any) -> str | None:
 
 @dataclass
 class _Started:
-    """A run whose output folder is ready, before its files are written."""
+    """A run whose output folder is claimed (:class:`~p2p_framework.outputs.RunFolder`),
+    before its files are written."""
 
     spec: RunSpec
-    out: Path
-    existed: bool
+    folder: RunFolder
     began: float = field(default_factory=time.perf_counter)
 
+    @property
+    def out(self) -> Path:
+        """The output folder."""
+        return self.folder.target
+
     @classmethod
-    def begin(cls, spec: RunSpec, out_dir: str | os.PathLike[str] | None) -> _Started:
-        """Check (and create) the output folder."""
+    def begin(
+        cls,
+        spec: RunSpec,
+        out_dir: str | os.PathLike[str] | RunFolder | None,
+        overwrite: bool = False,
+    ) -> _Started:
+        """Claim the output folder: lock it, check it holds no other run (unless
+        ``overwrite``) and stage it."""
         target = out_dir if out_dir is not None else spec.out
         if target is None:
             raise JobError("no output folder given (--out)")
-        existed = Path(target).exists()
-        return cls(spec, prepare_output_dir(target), existed)
+        if isinstance(target, RunFolder):
+            return cls(spec, target)
+        return cls(spec, RunFolder.claim(target, overwrite=overwrite))
 
     def discard(self) -> None:
-        """Remove the output folder if this run created it and wrote nothing into it."""
-        if not self.existed:
-            with contextlib.suppress(OSError):
-                self.out.rmdir()
+        """Give the output folder up: nothing of this run appears, an earlier run there
+        stays as it was."""
+        self.folder.abort()
 
     def finish(
         self,
@@ -133,7 +145,7 @@ class _Started:
         began = self.began if elapsed is None else time.perf_counter() - elapsed
         return write_run(
             result,
-            self.out,
+            self.folder,
             model,
             mode=self.spec.mode,
             save_attention=self.spec.save_attention,
@@ -147,22 +159,26 @@ class _Started:
 
 def run_job(
     spec: RunSpec,
-    out_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | RunFolder | None = None,
     *,
     registry: PluginRegistry | None = None,
     models: ModelCache | None = None,
     progress: Progress | None = None,
     command: Sequence[str] | None = None,
     warn: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Run one spec and write its files (see :func:`p2p_framework.outputs.write_run`): the
-    output folder is checked first, then the model is loaded (or taken from ``models``).
+    output folder is claimed first (:class:`~p2p_framework.outputs.RunFolder`: refused if
+    it holds another run, unless ``overwrite``), then the model is loaded (or taken from
+    ``models``). The files appear together when the run is done, or not at all.
+    ``out_dir`` may be a :class:`~p2p_framework.outputs.RunFolder` claimed already.
 
     Returns:
         ``(record, paths)``: the ``run.json`` record and the files written.
     """
     registry = registry if registry is not None else get_registry()
-    started = _Started.begin(spec, out_dir)
+    started = _Started.begin(spec, out_dir, overwrite)
     try:
         model, load_seconds = (models or ModelCache()).get(spec)
         changed = model_changed(spec, model) if warn is not None else None
@@ -176,8 +192,12 @@ def run_job(
             settings=spec.settings,
             progress=progress,
         )
+    except PluginRunError as error:
+        error.resolve(registry)  # the plugin's registered name and package
+        started.discard()
+        raise
     except BaseException:
-        started.discard()  # leave no empty folder behind a run that wrote nothing
+        started.discard()  # nothing of this run appears; an earlier run there stays whole
         raise
     return started.finish(result, model, load_seconds, registry=registry, command=command)
 
@@ -192,12 +212,18 @@ class JobOutcome:
     paths: list[Path] = field(default_factory=list)
     error: str | None = None
     out: Path | None = None
+    plugin: dict[str, Any] | None = None
 
     def as_line(self) -> dict[str, Any]:
-        """The JSON object ``p2p-run run --json`` prints for this job."""
+        """The JSON object ``p2p-run run --json`` prints for this job: its run record, or
+        ``{"name", "status": "failed", "error", "out"}`` plus ``"plugin"`` (name, kind,
+        package, version, hook, exception) when a plugin's code raised."""
         if self.ok and self.record is not None:
             return {**self.record, "name": self.name, "out": str(self.out)}
-        return {"name": self.name, "status": "failed", "error": self.error, "out": str(self.out)}
+        line = {"name": self.name, "status": "failed", "error": self.error, "out": str(self.out)}
+        if self.plugin is not None:
+            line["plugin"] = self.plugin
+        return line
 
 
 def _error_text(error: BaseException) -> str:
@@ -232,7 +258,13 @@ def _relabel(names: list[str], progress: Callable[[str], Progress | None] | None
 class _PipelineRun:
     """The state of one :func:`run_pipeline` call: the started jobs and their outcomes."""
 
-    def __init__(self, pipeline: Pipeline, on_done: Callable[[JobOutcome], None] | None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        on_done: Callable[[JobOutcome], None] | None,
+        registry: PluginRegistry,
+    ) -> None:
+        self.registry = registry
         self.outcomes = [JobOutcome(pipeline.job_name(i)) for i in range(len(pipeline.jobs))]
         self.started: dict[int, _Started] = {}
         self.pending: set[int] = set()
@@ -240,6 +272,8 @@ class _PipelineRun:
 
     def finish(self, index: int, error: BaseException | None = None) -> None:
         if error is not None:
+            if isinstance(error, PluginRunError):
+                self.outcomes[index].plugin = error.resolve(self.registry).as_json()
             self.outcomes[index].error = _error_text(error)
             if index in self.started:
                 self.started[index].discard()
@@ -267,9 +301,13 @@ def run_pipeline(
     command: Sequence[str] | None = None,
     warn: Callable[[str], None] | None = None,
     max_batch_rows: int | str | None = 1,
+    overwrite: bool = False,
 ) -> list[JobOutcome]:
-    """Run every job of a pipeline; a failing job (a :class:`P2PError` or ``OSError``) is
-    recorded and the others run. Other exceptions (bugs) propagate.
+    """Run every job of a pipeline; a failing job is recorded and the others run. A job fails
+    alone on a :class:`P2PError` or ``OSError``, and on any exception of its plugins' code
+    (edits, sources, guides: a :class:`~p2p_framework.errors.PluginRunError` naming the
+    plugin) or of its own setup. Errors of a whole batch (the UNet, out of memory) and
+    ``KeyboardInterrupt`` propagate.
 
     First every job is resolved (its plugins built) and its output folder checked (a job
     that fails there is done with). Then, model by model (in the order the file first names
@@ -288,13 +326,15 @@ def run_pipeline(
         max_batch_rows: most UNet rows per batch (a job of ``P`` prompts takes ``2 P`` with
             guidance); 1 runs the jobs one at a time (as ``p2p-run edit`` would); None: no
             limit; ``"auto"``: :data:`AUTO_BATCH_ROWS` for the model's device.
+        overwrite: replace job folders that hold an earlier run; without it such a job
+            fails (its folder untouched) and the others run.
 
     Returns:
         The outcomes, in the file's job order.
     """
     registry = registry if registry is not None else get_registry()
     models = models if models is not None else ModelCache()
-    run = _PipelineRun(pipeline, on_done)
+    run = _PipelineRun(pipeline, on_done, registry)
     total = len(pipeline.jobs)
     for index in range(total):
         if on_start is not None:
@@ -304,7 +344,7 @@ def run_pipeline(
                 pipeline, index, registry, overrides=overrides, out_root=out_root
             )
             run.outcomes[index].out = Path(spec.out) if spec.out else None
-            run.started[index] = _Started.begin(spec, None)
+            run.started[index] = _Started.begin(spec, None, overwrite)
             run.pending.add(index)
         except (P2PError, OSError) as error:
             run.finish(index, error)
@@ -314,7 +354,7 @@ def run_pipeline(
                 run, indices, models, registry, progress, command, warn, max_batch_rows
             )
     finally:
-        for index in run.pending:  # interrupted: leave no empty folder behind
+        for index in run.pending:  # interrupted: nothing of the unfinished jobs appears
             run.started[index].discard()
     return run.outcomes
 

@@ -665,7 +665,10 @@ def test_interrupted_run_leaves_no_partial_files(invoke, tiny_model_dir, tmp_pat
     result = invoke(*edit_args(tiny_model_dir, tmp_path))
     assert result.exit_code == 130
     assert "Interrupted" in result.stderr and "Traceback" not in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.png", "target-1.png"]
+    # Nothing of the run appears (its files are swapped in together), and its staging
+    # folder and lock beside the output folder are gone.
+    assert list(tmp_path.iterdir()) == []
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.p2p-*"))
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
