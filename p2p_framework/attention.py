@@ -176,7 +176,16 @@ class ControlledAttnProcessor:
                 query, key, value = controller.attention_inputs(query, key, value, layer)
             probs = attention_probabilities(query, key, attn.scale, attention_mask)
             probs = controller.attend(probs, layer)
-            hidden_states = torch.matmul(probs.to(value.dtype), value)
+            # Rows no edit changed here take the fused kernel as on every other route, so the
+            # unconditional rows and each source are the same whatever the edits (and equal
+            # plain generation); only edited rows multiply their probabilities out.
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+            for first, stop in controller.edited_rows(layer):
+                hidden_states[first:stop] = torch.matmul(
+                    probs[first:stop].to(value.dtype), value[first:stop]
+                )
         else:
             # A job's own FAST route excludes its attention_inputs hooks; in a batch another
             # job's hooks may still change its own rows here.
@@ -284,6 +293,11 @@ class ProcessorInstaller:
         return index
 
     def _cross_key_rows(self) -> list[tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def edited_rows(self, layer: AttentionLayer) -> list[tuple[int, int]]:
+        """``(first, stop)`` rows whose probabilities :meth:`attend` may change at this layer
+        call (the targets of each job editing it)."""
         raise NotImplementedError
 
     def _substituted_rows(self, layer: AttentionLayer) -> list[tuple[int, int, int]]:
@@ -554,6 +568,17 @@ class AttentionController(ProcessorInstaller):
             return None
         source = rows.start or 0
         return (source, source + 1, rows.stop) if rows.stop > source + 1 else None
+
+    def edited_rows(self, layer: AttentionLayer) -> list[tuple[int, int]]:
+        rows = self._targets()
+        if rows is None:
+            return []
+        if layer.is_cross:
+            editing = self._cross_injecting()
+        else:
+            step = self._asked_step
+            editing = any(run.uses_self_attention(layer, step) for run in self.runs)
+        return [rows[1:]] if editing else []
 
     def _cross_key_rows(self) -> list[tuple[int, int, int]]:
         plan, rows = self._cross_plan, self._targets()

@@ -119,6 +119,10 @@ class ControllerGroup(ProcessorInstaller):
                 self.errors[index] = error
         return route
 
+    def edited_rows(self, layer: AttentionLayer) -> list[tuple[int, int]]:
+        """Every active job's :meth:`~p2p_framework.attention.AttentionController.edited_rows`."""
+        return [rows for _, c in self._active() for rows in c.edited_rows(layer)]
+
     def _cross_key_rows(self) -> list[tuple[int, int, int]]:
         return [rows for _, c in self._active() for rows in c._cross_key_rows()]
 

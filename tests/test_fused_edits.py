@@ -152,12 +152,21 @@ def test_an_undeclared_edit_materialises_and_agrees_with_its_declared_twin(
     assert (declared.latents[1] - declared.latents[0]).abs().max() > 1e-3
 
 
-def test_source_row_is_plain_generation_bit_for_bit(tiny_model) -> None:
-    """Edited layers leave the unconditional rows and the source on the fused kernel, so the
+@pytest.mark.parametrize(
+    "edits",
+    [
+        lambda: [Replace()],  # FAST layers
+        lambda: [UndeclaredMute()],  # materialised layers
+        lambda: [Replace(), LocalBlend(words=["squirrel", "lion"], start_blend=0.0)],  # kept maps
+    ],
+    ids=["fast", "materialised", "local blend"],
+)
+def test_source_row_is_plain_generation_bit_for_bit(tiny_model, edits) -> None:
+    """Every route leaves the unconditional rows and the source on the fused kernel, so the
     source of an edit is exactly the plain generation of its prompt (with the same batch
-    layout: a target's plain run next to it)."""
+    layout: a target's plain run next to it), whatever the edits."""
     settings = EditSettings(**SETTINGS)
-    edited = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=settings)
+    edited = run_edit(tiny_model, [SOURCE, TARGET], edits(), settings=settings)
     plain = run_edit(tiny_model, [SOURCE, TARGET], [], settings=settings)
     assert torch.equal(edited.latents[0], plain.latents[0])
 
