@@ -121,7 +121,13 @@ class ControllerGroup(ProcessorInstaller):
 
     def edited_rows(self, layer: AttentionLayer) -> list[tuple[int, int]]:
         """Every active job's :meth:`~p2p_framework.attention.AttentionController.edited_rows`."""
-        return [rows for _, c in self._active() for rows in c.edited_rows(layer)]
+        found = []
+        for index, controller in self._active():
+            try:
+                found += controller.edited_rows(layer)
+            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
+                self.errors[index] = error
+        return found
 
     def _cross_key_rows(self) -> list[tuple[int, int, int]]:
         return [rows for _, c in self._active() for rows in c._cross_key_rows()]
