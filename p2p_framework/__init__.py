@@ -15,7 +15,15 @@ Plugin authors subclass :class:`Edit` or :class:`Source` and register them with
 """
 
 from .attention import AttentionController, ControlledAttnProcessor
-from .edit import Edit, EditRun, PromptToPromptEdit, RunContext, SelfReplaceRun, Step
+from .edit import (
+    Edit,
+    EditRun,
+    LinearCrossAttention,
+    PromptToPromptEdit,
+    RunContext,
+    SelfReplaceRun,
+    Step,
+)
 from .errors import (
     ModelLoadError,
     NumericalError,
@@ -56,6 +64,7 @@ __all__ = [
     "EditRun",
     "EditResult",
     "EditSettings",
+    "LinearCrossAttention",
     "ModelLoadError",
     "NumericalError",
     "OptionError",

@@ -17,7 +17,7 @@ from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 
-from .attention import AttentionController, ProcessorInstaller
+from .attention import FUSED, AttentionController, ProcessorInstaller
 from .errors import OptionError
 from .store import AttentionLayer
 
@@ -53,6 +53,9 @@ class ControllerGroup(ProcessorInstaller):
         self.rows = [int(r) for r in rows]
         self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
         self.latent_size: tuple[int, int] = tuple(controllers[0].latent_size)  # type: ignore[assignment]
+        self.static = any(c.static for c in self.controllers)
+        # Jobs batch only with jobs of the same fused_edits setting (pipeline.batch_key).
+        self.fused = all(c.fused for c in self.controllers)
         #: job position -> the exception its controller raised (the job is out of the batch).
         self.errors: dict[int, Exception] = {}
 
@@ -75,9 +78,15 @@ class ControllerGroup(ProcessorInstaller):
             cond_rows: the conditional rows of the whole batch (``total_rows`` of them), or
                 None for a call without conditional rows.
         """
+        self._encoder_cache = None
         for index, controller in enumerate(self.controllers):
             rows = None if cond_rows is None else self.job_rows(index, cond_rows.start or 0)
-            controller.begin_call(step, rows)
+            if index in self.errors:
+                continue
+            try:
+                controller.begin_call(step, rows)
+            except Exception as error:  # an edit's per-step declaration: its job only
+                self.errors[index] = error
 
     def _active(self) -> Iterator[tuple[int, AttentionController]]:
         for index, controller in enumerate(self.controllers):
@@ -98,6 +107,62 @@ class ControllerGroup(ProcessorInstaller):
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether any job reads or changes this layer's probabilities in the current call."""
         return self._asks("wants", layer)
+
+    def route(self, layer: AttentionLayer) -> int:
+        """The layer's route for the whole batch: :data:`~p2p_framework.attention.MATERIALISE`
+        if any job needs the probabilities, else :data:`~p2p_framework.attention.FAST` if any
+        job's edit rides on the fused kernel, else
+        :data:`~p2p_framework.attention.FUSED`."""
+        route = FUSED
+        for index, controller in self._active():
+            try:
+                route = max(route, controller.route(layer))
+            except Exception as error:  # a plugin's bug fails its job only
+                self.errors[index] = error
+        return route
+
+    def edited_rows(self, layer: AttentionLayer) -> list[tuple[int, int]]:
+        """Every active job's :meth:`~p2p_framework.attention.AttentionController.edited_rows`."""
+        found = []
+        for index, controller in self._active():
+            try:
+                found += controller.edited_rows(layer)
+            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
+                self.errors[index] = error
+        return found
+
+    def _cross_key_rows(self) -> list[tuple[int, int, int]]:
+        return [rows for _, c in self._active() for rows in c._cross_key_rows()]
+
+    def _substituted_rows(self, layer: AttentionLayer) -> list[tuple[int, int, int]]:
+        found = []
+        for index, controller in self._active():
+            try:
+                found += controller._substituted_rows(layer)
+            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
+                self.errors[index] = error
+        return found
+
+    def _edit_encoder_values(self, states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        for _, controller in self._active():
+            values = controller._edit_encoder_values(states, values)
+        return values
+
+    def add_source_terms(
+        self,
+        hidden: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer: AttentionLayer,
+    ) -> torch.Tensor:
+        """Each job's :meth:`~p2p_framework.attention.AttentionController.add_source_terms`."""
+        for index, controller in self._active():
+            try:
+                hidden = controller.add_source_terms(hidden, query, key, value, layer)
+            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
+                self.errors[index] = error
+        return hidden
 
     def wants_inputs(self, layer: AttentionLayer) -> bool:
         """Whether any job changes this layer's queries, keys or values in the current call."""

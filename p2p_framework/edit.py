@@ -25,8 +25,11 @@ hook                        called
 ==========================  ===============================================================
 
 A layer whose probabilities no hook (and no attention map) reads runs on the fused attention
-kernel. Tensor shapes use ``(prompts, heads, queries, tokens)``, where prompt 0 is the source
-and prompts 1.. are the targets; only the conditional rows of the UNet batch are shown.
+kernel. Two optional declarations, :meth:`EditRun.linear_cross_attention` and
+:meth:`EditRun.self_attention_is_source`, let an eager run keep an edited layer there too
+(the edit moves onto queries, keys and the text embeddings behind the values). Tensor
+shapes use ``(prompts, heads, queries, tokens)``, where prompt 0 is the source and prompts
+1.. are the targets; only the conditional rows of the UNet batch are shown.
 
 **The step.** Hooks called inside the UNet get ``step`` as an ``int`` (0-based) in an eager
 run; under ``model.compile()`` they get a ``(1,)`` int64 tensor on the device holding it, so
@@ -120,6 +123,29 @@ class RunContext:
         return table[step]
 
 
+@dataclass(frozen=True)
+class LinearCrossAttention:
+    """A run's :meth:`EditRun.cross_attention` at one step, declared linear in the maps.
+
+    ``cross_attention(injected, targets, layer, step)`` must equal
+    ``injected @ injected_map + targets @ target_map`` (per target, over the token axis) at
+    every cross-attention layer of that step, up to float rounding. The controller then
+    keeps such layers on the fused attention kernel: the maps are never materialised, the
+    token maps are applied to the text embeddings behind the values instead (exact in real
+    arithmetic for attention without a value bias; float rounding differs, see
+    :meth:`EditRun.linear_cross_attention`).
+
+    Attributes:
+        injected_map: ``(targets, tokens, tokens)``; ``injected_map[i, j, k]`` is how much of
+            the injected maps' token ``j`` goes to token ``k`` of target ``i``.
+        target_map: ``(targets, tokens, tokens)``, the same for the target's own maps; None
+            for none (most edits: the result depends on the injected maps only).
+    """
+
+    injected_map: torch.Tensor
+    target_map: torch.Tensor | None = None
+
+
 class EditRun:
     """One edit's state and hooks for one run (see the module docstring for when each hook
     is called). Override only what the edit needs; the defaults change nothing.
@@ -189,6 +215,30 @@ class EditRun:
         """
         return injected
 
+    def linear_cross_attention(self, step: int) -> LinearCrossAttention | None:
+        """Declare :meth:`cross_attention` at ``step`` linear in the maps, or return None.
+
+        Optional, for speed: when every injecting run of a job declares its step linear and
+        no attention map of a layer is kept, an eager run keeps that layer on the fused
+        attention kernel, with no probabilities materialised (fewer operations per layer
+        and less memory; results agree with the materialised path to float rounding).
+        Compiled runs always materialise. Called once per step with the step as an
+        ``int``; the maps must hold at every cross-attention layer of that step. Default:
+        None (the controller materialises and calls :meth:`cross_attention`).
+        """
+        return None
+
+    def self_attention_is_source(self, layer: AttentionLayer, step: int) -> bool:
+        """Whether :meth:`self_attention` at ``layer`` and ``step`` gives every target the
+        source's maps unchanged (``source.expand_as(targets)``), whatever the targets.
+
+        Optional, for speed: asked in eager runs only, where :meth:`uses_self_attention`
+        is True; when every run changing the layer says so and no map of it is kept, the
+        targets take the source's queries and keys and the layer stays on the fused
+        attention kernel. Default: False.
+        """
+        return False
+
     def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
         """Change the latents after scheduler step ``step`` (0-based).
 
@@ -251,6 +301,9 @@ class SelfReplaceRun(EditRun):
         if layer.downscale < self._self_min_downscale:
             return False
         return start < end if step is None else start <= step < end
+
+    def self_attention_is_source(self, layer: AttentionLayer, step: int) -> bool:
+        return True  # asked only inside the window, where the targets take the source's maps
 
     def self_attention(
         self, source: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer, step: Step

@@ -61,6 +61,10 @@ class AttentionStore:
     """
 
     def __init__(self) -> None:
+        #: Count layer calls in device tensors (what a compiled UNet needs: no Python value
+        #: changing from call to call); False counts in Python, one kernel fewer per call.
+        self.device_counts = True
+        self._calls: dict[tuple[bool, int], int] = {}
         self._wanted: set[tuple[bool, int]] = set()
         self._sums: dict[tuple[bool, int], torch.Tensor] = {}
         self._counts: dict[tuple[bool, int], torch.Tensor] = {}
@@ -84,6 +88,7 @@ class AttentionStore:
         """Forget all sums (the tracked resolutions stay)."""
         self._sums.clear()
         self._counts.clear()
+        self._calls.clear()
         self._confirmed.clear()
         self._grids.clear()
 
@@ -106,6 +111,7 @@ class AttentionStore:
             key = (is_cross, downscale)
             self._sums[key] = torch.zeros(rows, grid[0] * grid[1], keys, device=device)
             self._counts[key] = torch.zeros((), dtype=torch.int64, device=device)
+            self._calls[key] = 0
             self._grids[key] = grid
 
     def add(self, layer: AttentionLayer, probs: torch.Tensor) -> None:
@@ -120,11 +126,15 @@ class AttentionStore:
             # In place, and the count is a tensor: nothing here depends on a Python value
             # that changes from call to call, so a compiled UNet is not recompiled.
             self._sums[key].add_(maps)
-            self._counts[key].add_(1)
+            if self.device_counts:
+                self._counts[key].add_(1)
         else:
             self._sums[key] = maps.clone()
             self._counts[key] = torch.ones((), dtype=torch.int64, device=maps.device)
             self._grids[key] = layer.grid
+            self._calls[key] = 0
+        if not self.device_counts:
+            self._calls[key] = self._calls.get(key, 0) + 1
 
     def average(self, *, downscale: int, cross: bool = True) -> torch.Tensor:
         """Maps averaged over heads, layers and steps so far.
@@ -136,14 +146,26 @@ class AttentionStore:
             KeyError: nothing was stored for that resolution (no layer there, or not tracked).
         """
         key = (cross, downscale)
-        if key not in self._confirmed:  # checked once: reading a GPU count waits for the GPU
-            if key not in self._sums or not bool(self._counts[key]):
+        if not self.device_counts:
+            calls = self._calls.get(key, 0)
+            if not calls:
                 kind = "cross" if cross else "self"
                 raise KeyError(
                     f"no {kind}-attention maps stored at 1/{downscale} of the latent grid"
                 )
-            self._confirmed.add(key)
-        total = self._sums[key] / self._counts[key].to(self._sums[key].dtype)
+            # The count as a 0-d tensor on the sums' device, as the device count would be:
+            # the same division kernel, the same quotient (a Python number may take a
+            # reciprocal-multiply path on a GPU).
+            total = self._sums[key] / self._sums[key].new_full((), float(calls))
+        else:
+            if key not in self._confirmed:  # checked once: reading a GPU count waits for it
+                if key not in self._sums or not bool(self._counts[key]):
+                    kind = "cross" if cross else "self"
+                    raise KeyError(
+                        f"no {kind}-attention maps stored at 1/{downscale} of the latent grid"
+                    )
+                self._confirmed.add(key)
+            total = self._sums[key] / self._counts[key].to(self._sums[key].dtype)
         height, width = self._grids[key]
         return total.reshape(total.shape[0], height, width, total.shape[-1])
 

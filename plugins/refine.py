@@ -13,6 +13,7 @@ import torch
 
 from p2p_framework import (
     AttentionLayer,
+    LinearCrossAttention,
     OptionError,
     PromptError,
     PromptToPromptEdit,
@@ -58,6 +59,17 @@ class RefineRun(SelfReplaceRun):
         self.mapper = torch.stack(mappers).to(run.device) if mappers else None  # (targets, tokens)
         # (targets, 1, 1, tokens) to broadcast over heads and queries.
         self.alphas = torch.stack(alphas)[:, None, None, :].to(run.device) if alphas else None
+        self._linear = None
+        if self.mapper is not None and self.alphas is not None:
+            # As token maps: gathering source token mapper[j] into token j is a one-hot
+            # matrix G[mapper[j], j] = 1; the aligned tokens' weight a scales its columns and
+            # the new tokens keep their own maps: injected @ (G diag(a)) + targets @ diag(1-a).
+            alpha = self.alphas[:, 0, 0]  # (targets, tokens)
+            gather = torch.zeros(*alpha.shape, alpha.shape[-1], device=alpha.device)
+            gather.scatter_(1, self.mapper[:, None, :].long(), 1.0)
+            self._linear = LinearCrossAttention(
+                gather * alpha[:, None, :], torch.diag_embed(1 - alpha)
+            )
 
     def cross_attention(
         self, injected: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer, step: Step
@@ -67,6 +79,9 @@ class RefineRun(SelfReplaceRun):
         gathered = torch.gather(injected, -1, index)
         alphas = self.alphas.to(injected.dtype)
         return gathered * alphas + targets * (1 - alphas)
+
+    def linear_cross_attention(self, step: int) -> LinearCrossAttention | None:
+        return self._linear
 
 
 @hookimpl

@@ -13,6 +13,7 @@ import torch
 
 from p2p_framework import (
     AttentionLayer,
+    LinearCrossAttention,
     OptionError,
     PromptError,
     PromptToPromptEdit,
@@ -55,6 +56,10 @@ class ReplaceRun(SelfReplaceRun):
     ) -> torch.Tensor:
         assert self.mapper is not None
         return torch.matmul(injected, self.mapper.to(injected.dtype))
+
+    def linear_cross_attention(self, step: int) -> LinearCrossAttention:
+        assert self.mapper is not None
+        return LinearCrossAttention(self.mapper[:, 0])  # injected @ M, the same every step
 
 
 @hookimpl

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from p2p_framework import (
     AttentionLayer,
+    LinearCrossAttention,
     OptionError,
     PromptToPromptEdit,
     RunContext,
@@ -64,11 +65,16 @@ class ReweightRun(SelfReplaceRun):
         super().__init__(run, self_replace)
         # (targets, 1, 1, tokens) to broadcast over heads and queries.
         self.equalizer = equalizer[:, None, None, :].to(run.device)
+        # (targets, tokens, tokens): the same as a token map, diag(e) per target.
+        self._linear = LinearCrossAttention(torch.diag_embed(self.equalizer[:, 0, 0]))
 
     def cross_attention(
         self, injected: torch.Tensor, targets: torch.Tensor, layer: AttentionLayer, step: Step
     ) -> torch.Tensor:
         return injected * self.equalizer.to(injected.dtype)
+
+    def linear_cross_attention(self, step: int) -> LinearCrossAttention:
+        return self._linear
 
 
 @hookimpl

@@ -83,7 +83,10 @@ def test_no_injection_gives_the_targets_plain_generation(tiny_model):
         settings=settings(cross_replace_steps=0.0, self_replace_steps=0.0),
     )
     plain = run_edit(tiny_model, [TARGET], [], settings=settings())
-    torch.testing.assert_close(edited.latents[1:], plain.latents, atol=1e-5, rtol=1e-4)
+    # A UNet batch of 4 rows against one of 2: the matrix products block differently (and
+    # with the thread count), which moves float32 latents of about 1 by up to ~3e-5; an
+    # injection, even one step of it, moves them by more than 1e-2.
+    torch.testing.assert_close(edited.latents[1:], plain.latents, atol=1e-4, rtol=1e-4)
 
 
 def test_injection_changes_the_target(tiny_model):

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from p2p_framework import (
     AttentionLayer,
+    LinearCrossAttention,
     OptionError,
     PromptToPromptEdit,
     RunContext,
@@ -91,6 +92,14 @@ class SuppressWordRun(SelfReplaceRun):
         if self.renormalize:
             scaled = scaled / scaled.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         return scaled
+
+    def linear_cross_attention(self, step: int) -> LinearCrossAttention | None:
+        # Optional, for speed: without renormalising (a division by the maps' own sum) and
+        # acting everywhere (the declaration holds at every layer of the step), the edit is
+        # injected @ diag(scale), so the controller may keep its layers on the fused kernel.
+        if self.renormalize or self.places != {"down", "mid", "up"}:
+            return None
+        return LinearCrossAttention(torch.diag_embed(self.scale[:, 0, 0]))
 
 
 @hookimpl
