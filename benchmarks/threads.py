@@ -39,8 +39,8 @@ COMPETITORS = {
 }
 
 
-def _edit(threads: str, out: str, steps: int) -> tuple[float, float]:
-    """(edit seconds as p2p-run reports them, process wall seconds)."""
+def _edit(threads: str, out: str, steps: int) -> tuple[float, float, str]:
+    """(edit seconds as p2p-run reports them, process wall seconds, threads it used)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "P2P_THREADS")}
     command = [
         sys.executable, "-c", "from p2p_framework.cli import main; main()", "edit",
@@ -53,7 +53,9 @@ def _edit(threads: str, out: str, steps: int) -> tuple[float, float]:
     if done.returncode:
         raise RuntimeError(done.stderr)
     match = re.search(r"Wrote \d+ files to .* in ([\d.]+) s", done.stderr)
-    return (float(match.group(1)) if match else float("nan")), wall
+    used = re.search(r"(\d+) CPU threads", done.stderr)
+    seconds = float(match.group(1)) if match else float("nan")
+    return seconds, wall, used.group(1) if used else "?"
 
 
 def main() -> None:
@@ -67,8 +69,8 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
         f"demo edit, {args.steps} steps; {time.strftime('%Y-%m-%d')}\n"
     )
-    print("| machine | --threads | edit (s) | process wall (s) |")
-    print("|---|---|---:|---:|")
+    print("| machine | --threads | threads used | edit (s) | process wall (s) |")
+    print("|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as scratch:
         for scenario in args.scenarios:
             code = COMPETITORS[scenario]
@@ -79,8 +81,11 @@ def main() -> None:
             try:
                 for threads in args.threads:
                     out = os.path.join(scratch, f"{scenario}-{threads}")
-                    edit, wall = _edit(threads, out, args.steps)
-                    print(f"| {scenario} | {threads} | {edit:.1f} | {wall:.1f} |", flush=True)
+                    edit, wall, used = _edit(threads, out, args.steps)
+                    print(
+                        f"| {scenario} | {threads} | {used} | {edit:.1f} | {wall:.1f} |",
+                        flush=True,
+                    )
             finally:
                 if competitor is not None:
                     competitor.kill()
