@@ -274,7 +274,7 @@ def _model_options(scope: str) -> Callable[[Callable[..., Any]], Callable[..., A
             callback=_set_threads,
             help="CPU threads for PyTorch; auto takes the cores no other process is busy on "
             "(all of them on an idle machine). Another job on the same cores slows a run "
-            "tenfold unless this leaves them out. E.g. --threads 1",
+            "3-10x unless this leaves them out. E.g. --threads 1",
         ),
     ]
 

@@ -2,7 +2,7 @@
 
 PyTorch's CPU kernels run on an OpenMP pool sized to the machine's cores. When another
 process keeps one of those cores busy, every parallel region waits for the thread that shares
-a core with it, and a run slows down ten- to sixty-fold (measured in docs/benchmarks.md). The
+a core with it, and a run slows down 3-10x (docs/benchmarks.md; up to 60x in a probe). The
 ``auto`` choice therefore counts the cores this process may use and leaves out those that
 other processes kept busy over a short sample.
 """
