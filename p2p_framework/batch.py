@@ -14,6 +14,7 @@ exactly as it would alone, only with its rows further down.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -93,16 +94,19 @@ class ControllerGroup(ProcessorInstaller):
             if index not in self.errors:
                 yield index, controller
 
+    def _each(self, method: str, layer: AttentionLayer) -> Iterator[Any]:
+        """Each active job's controller's answer to ``method(layer)``; a controller that
+        raises (an edit's ``uses_*`` or declarations) drops its job and gives no answer."""
+        for index, controller in self._active():
+            try:
+                yield getattr(controller, method)(layer)
+            except Exception as error:  # a plugin's bug fails its job only
+                self.errors[index] = error
+
     def _asks(self, question: str, layer: AttentionLayer) -> bool:
         """Whether any active job's controller answers yes to ``question`` (``wants`` or
         ``wants_inputs``); a controller that raises (an edit's ``uses_*``) drops its job."""
-        for index, controller in self._active():
-            try:
-                if getattr(controller, question)(layer):
-                    return True
-            except Exception as error:  # a plugin's bug fails its job only
-                self.errors[index] = error
-        return False
+        return any(self._each(question, layer))
 
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether any job reads or changes this layer's probabilities in the current call."""
@@ -113,35 +117,17 @@ class ControllerGroup(ProcessorInstaller):
         if any job needs the probabilities, else :data:`~p2p_framework.attention.FAST` if any
         job's edit rides on the fused kernel, else
         :data:`~p2p_framework.attention.FUSED`."""
-        route = FUSED
-        for index, controller in self._active():
-            try:
-                route = max(route, controller.route(layer))
-            except Exception as error:  # a plugin's bug fails its job only
-                self.errors[index] = error
-        return route
+        return max(self._each("route", layer), default=FUSED)
 
     def edited_rows(self, layer: AttentionLayer) -> list[tuple[int, int]]:
         """Every active job's :meth:`~p2p_framework.attention.AttentionController.edited_rows`."""
-        found = []
-        for index, controller in self._active():
-            try:
-                found += controller.edited_rows(layer)
-            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
-                self.errors[index] = error
-        return found
+        return [rows for found in self._each("edited_rows", layer) for rows in found]
 
     def _cross_key_rows(self) -> list[tuple[int, int, int]]:
         return [rows for _, c in self._active() for rows in c._cross_key_rows()]
 
     def _substituted_rows(self, layer: AttentionLayer) -> list[tuple[int, int, int]]:
-        found = []
-        for index, controller in self._active():
-            try:
-                found += controller._substituted_rows(layer)
-            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
-                self.errors[index] = error
-        return found
+        return [rows for found in self._each("_substituted_rows", layer) for rows in found]
 
     def _edit_encoder_values(self, states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         for _, controller in self._active():
