@@ -117,7 +117,11 @@ class ControllerGroup(ProcessorInstaller):
         if any job needs the probabilities, else :data:`~p2p_framework.attention.FAST` if any
         job's edit rides on the fused kernel, else
         :data:`~p2p_framework.attention.FUSED`."""
-        return max(self._each("route", layer), default=FUSED)
+        # A loop, not max(..., default=): Dynamo cannot trace max's default keyword.
+        route = FUSED
+        for answer in self._each("route", layer):
+            route = max(route, answer)
+        return route
 
     def edited_rows(self, layer: AttentionLayer) -> list[tuple[int, int]]:
         """Every active job's :meth:`~p2p_framework.attention.AttentionController.edited_rows`."""
