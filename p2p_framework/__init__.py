@@ -34,6 +34,7 @@ from .errors import (
     PluginRunError,
     PromptError,
 )
+from .filters import EditPair, Filter
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
 from .options import OptionInfo, Plugin
@@ -64,6 +65,8 @@ __all__ = [
     "EditRun",
     "EditResult",
     "EditSettings",
+    "EditPair",
+    "Filter",
     "LinearCrossAttention",
     "ModelLoadError",
     "NumericalError",

@@ -243,6 +243,22 @@ def _set_threads(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(error.message, ctx, param) from None
 
 
+def _threads_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--threads",
+        envvar=THREADS_ENV,
+        show_envvar=True,
+        default="auto",
+        show_default=True,
+        metavar="N|auto",
+        expose_value=False,
+        callback=_set_threads,
+        help="CPU threads for PyTorch; auto takes the cores no other process is busy on "
+        "(all of them on an idle machine). Another job on the same cores slows a run "
+        "3-10x unless this leaves them out. E.g. --threads 1",
+    )
+
+
 def _model_options(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--model --revision --device --dtype --compile/--no-compile --threads``, declared once; in
     ``scope`` ``run`` they have defaults, elsewhere None means "as recorded / as the file"."""
@@ -263,19 +279,7 @@ def _model_options(scope: str) -> Callable[[Callable[..., Any]], Callable[..., A
         click.option("--device", help=text("device"), **auto),
         click.option("--dtype", type=click.Choice(DTYPES), help=text("dtype"), **auto),
         click.option("--compile/--no-compile", "compile_unet", default=None, help=text("compile")),
-        click.option(
-            "--threads",
-            envvar=THREADS_ENV,
-            show_envvar=True,
-            default="auto",
-            show_default=True,
-            metavar="N|auto",
-            expose_value=False,
-            callback=_set_threads,
-            help="CPU threads for PyTorch; auto takes the cores no other process is busy on "
-            "(all of them on an idle machine). Another job on the same cores slows a run "
-            "3-10x unless this leaves them out. E.g. --threads 1",
-        ),
+        _threads_option(),
     ]
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -547,6 +551,7 @@ def cli() -> None:
           --prompt "a cat sitting next to a mirror" --out cat.p2pinv
       p2p-run plugins
       p2p-run run jobs.toml --json
+      p2p-run dataset spec.toml --out out/pairs --ray local --workers 2
 
     Exit status: 0 success, 1 failed pipeline job or internal error, 2 bad input,
     130 interrupted.
@@ -685,8 +690,8 @@ def rerun_command(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of text.")
 @click.option(
     "--kind",
-    type=click.Choice(["edit", "source"]),
-    help="List only edits or only sources. Default: both. E.g. --kind source",
+    type=click.Choice(["edit", "source", "filter"]),
+    help="List only edits, sources or filters. Default: all. E.g. --kind filter",
 )
 @_verbosity
 def plugins_command(as_json: bool, kind: str | None, **_: Any) -> None:
@@ -878,6 +883,130 @@ def run_command(
     failed = [o.name for o in outcomes if not o.ok]
     _log(f"{len(outcomes) - len(failed)} of {len(outcomes)} job(s) succeeded")
     if failed:
+        click.get_current_context().exit(EXIT_FAILED)
+
+
+def _ray_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("expected auto, local, off or a Ray address")
+    return value.strip()
+
+
+@cli.command("dataset")
+@click.argument("spec_file", type=click.Path(path_type=Path), metavar="SPEC.toml")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The dataset folder: manifest.jsonl and shards/*.parquet. A folder holding this "
+    "spec's dataset is finished (only missing items run); another spec's is refused. "
+    "E.g. --out out/pairs",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    default="auto",
+    show_default=True,
+    callback=_ray_option,
+    metavar="auto|local|off|ADDRESS",
+    help="Where the work runs: auto is a Ray cluster named by $RAY_ADDRESS, else a local Ray, "
+    "else (Ray not installed) this process; local starts a private local Ray; off runs in "
+    "this process; ADDRESS joins a running cluster (`ray start --head` prints it). "
+    "E.g. --ray 10.0.0.5:6379",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Ray actors, each holding one loaded model (on a GPU machine: one per GPU). On the "
+    "CPU each takes an equal share of the cores. E.g. --workers 8",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="GPUs each Ray actor takes (0: CPU actors). E.g. --gpus-per-worker 1",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@_threads_option()
+@_verbosity
+def dataset_command(
+    spec_file: Path,
+    out: Path,
+    ray_address: str,
+    workers: int,
+    gpus_per_worker: float,
+    as_json: bool,
+    **_: Any,
+) -> None:
+    """Make an edit dataset: every item of the spec's items file, several samples each with
+    values drawn from the spec's ranges, scored and filtered, written to Parquet shards.
+
+    Resumable: the same command again after an interruption (Ctrl-C, a killed machine)
+    runs only the items the manifest lacks, and never writes a sample twice. A failing
+    sample is recorded with its error (exit status 1) and the others go on. The format is in
+    docs/dataset.md.
+
+    \b
+    Example:
+      p2p-run dataset docs/examples/dataset/spec.toml --out out/pairs --ray local --workers 2
+    """
+    from .dataset import RAY_HINT, DatasetProgress, load_dataset_spec, run_dataset
+
+    _quiet_libraries()
+    registry = _registry()
+    _warn_broken_plugins(registry)
+    spec = load_dataset_spec(spec_file, registry)
+    began = time.perf_counter()
+
+    def on_start(engine: str, pending: int, total: int) -> None:
+        if engine == "process" and ray_address == "auto":
+            _log(f"Ray is not installed: running in this process; to scale out, {RAY_HINT}")
+        where = f"Ray, {workers} worker(s)" if engine == "ray" else "this process"
+        done = total - pending
+        _log(f"Dataset: {pending} of {total} item(s) to run ({done} done before), on {where}")
+
+    def on_item(progress: DatasetProgress) -> None:
+        workers_text = ", ".join(f"{w} {n}" for w, n in sorted(progress.workers.items()))
+        _log(
+            f"[{progress.items_done}/{progress.items_total} items] kept {progress.kept} of "
+            f"{progress.samples} samples ({progress.failed} failed), "
+            f"{progress.samples_per_minute:.1f} samples/min; per worker: {workers_text}"
+        )
+
+    summary = run_dataset(
+        spec,
+        out,
+        ray=ray_address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        on_item=on_item,
+        on_start=on_start,
+        loader=_load_model,
+    )
+    result = summary.as_json()
+    if summary.items_run == 0:
+        _log(f"Nothing to do: {out} holds every item of the spec")
+    else:
+        _log(
+            f"Done in {time.perf_counter() - began:.1f} s: {result['items_run']} item(s), "
+            f"{result['samples']} samples, kept {result['kept']}, dropped "
+            f"{result['dropped']}, failed {result['failed']}; "
+            f"{result['samples_per_minute']:.1f} samples/min; "
+            f"{result['shards_written']} shard(s) in {out}"
+        )
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+    else:
+        click.echo(str(out))
+    if summary.progress.failed:
+        click.echo(
+            f"Error: {summary.progress.failed} sample(s) failed; their errors are in "
+            f"{out / 'manifest.jsonl'}",
+            err=True,
+        )
         click.get_current_context().exit(EXIT_FAILED)
 
 

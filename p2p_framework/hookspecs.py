@@ -54,3 +54,20 @@ def register_sources(register: Callable[..., None]) -> None:
     Returns:
         Nothing; what counts is the calls to ``register``.
     """
+
+
+@hookspec
+def register_filters(register: Callable[..., None]) -> None:
+    """Register filter plugins (scores of a before/after pair that decide which dataset
+    samples ``p2p-run dataset`` keeps).
+
+    Called once when the registry collects plugins.
+
+    Args:
+        register: call ``register(FilterClass)`` for each filter this plugin provides, or
+            ``register(FilterClass, name="other-name")``. ``FilterClass`` must be a dataclass
+            subclassing :class:`p2p_framework.filters.Filter`; its fields are its options.
+
+    Returns:
+        Nothing; what counts is the calls to ``register``.
+    """

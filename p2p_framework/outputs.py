@@ -406,6 +406,23 @@ class RunFolder:
         self._lock_fd = None
 
 
+@contextlib.contextmanager
+def folder_lock(target: str | os.PathLike[str]) -> Any:
+    """Hold the lock of output folder ``target`` (the ``flock`` :class:`RunFolder` takes,
+    ``.NAME.p2p-lock`` beside it) for the block, for writers that manage the folder's files
+    themselves (``p2p-run dataset``).
+
+    Raises:
+        OutputLockedError: another process holds it; OutputError: ``target`` is a file.
+    """
+    folder = RunFolder(target)
+    folder._lock()
+    try:
+        yield Path(target)
+    finally:
+        folder._unlock()
+
+
 def glob_escape(name: str) -> str:
     """``name`` with glob's special characters quoted."""
     return re.sub(r"([*?[])", r"[\1]", name)

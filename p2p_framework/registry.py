@@ -25,6 +25,7 @@ import pluggy
 from . import hookspecs
 from .edit import Edit
 from .errors import OptionError, PluginError
+from .filters import Filter
 from .options import OptionInfo, describe_options
 from .source import Source
 
@@ -37,18 +38,23 @@ BUILTIN_MODULES = (
     "p2p_framework.plugins.reweight",
     "p2p_framework.plugins.local_blend",
     "p2p_framework.plugins.inversion_sources",
+    "p2p_framework.plugins.filters",
 )
-KINDS = {"edit": (Edit, "register_edits"), "source": (Source, "register_sources")}
+KINDS = {
+    "edit": (Edit, "register_edits"),
+    "source": (Source, "register_sources"),
+    "filter": (Filter, "register_filters"),
+}
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """One registered edit or source.
+    """One registered edit, source or filter.
 
     Attributes:
         name: what users type (``--edit replace``).
-        kind: ``"edit"`` or ``"source"``.
+        kind: ``"edit"``, ``"source"`` or ``"filter"``.
         plugin_class: the dataclass to instantiate with the options.
         plugin: name of the pluggy plugin (module) that registered it.
         package, version: the distribution it comes from.
@@ -97,7 +103,7 @@ def _own_version() -> str:
 
 
 class PluginRegistry:
-    """Knows every available edit and source plugin.
+    """Knows every available edit, source and filter plugin.
 
     Args:
         builtins: register the built-in plugins.
@@ -261,7 +267,8 @@ class PluginRegistry:
         return [*self._load_errors, *self._collect_errors]
 
     def plugins(self, kind: str | None = None) -> list[PluginInfo]:
-        """Every registered edit and source (or only one ``kind``), sorted by kind and name."""
+        """Every registered edit, source and filter (or only one ``kind``), sorted by kind and
+        name."""
         tables = self._collect()
         kinds = [kind] if kind else list(KINDS)
         return [tables[k][n] for k in kinds for n in sorted(tables[k])]
