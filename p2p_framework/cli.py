@@ -985,6 +985,7 @@ def dataset_command(
         on_item=on_item,
         on_start=on_start,
         loader=_load_model,
+        registry=registry,
     )
     result = summary.as_json()
     if summary.items_run == 0:

@@ -403,10 +403,18 @@ def sample_values(spec: DatasetSpec, item: Item, index: int) -> dict[str, Any]:
     return {key: draws[key].draw(rng) for key in sorted(draws)}
 
 
-def sample_job(spec: DatasetSpec, item: Item, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The job of one sample: the spec's ``[job]``, the item's keys, then the drawn values
-    (``PLUGIN.OPTION`` ones as ``set`` entries)."""
+def sample_job(
+    spec: DatasetSpec, item: Item, values: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job of one sample, and its defaults (for
+    :func:`~p2p_framework.spec.spec_from_job`): the spec's ``[job]``, the item's keys, then
+    the drawn values (``PLUGIN.OPTION`` ones as ``set`` entries). A ``seed`` the spec does
+    not draw is a default, which a source without a seed (a photo's) ignores."""
     job = {**spec.job, **item.job}
+    defaults = {}
+    if "seed" not in spec.sample:
+        values = dict(values)
+        defaults["seed"] = values.pop("seed", None)
     sets = job.get("set") or {}
     if isinstance(sets, Mapping):
         sets = {plugin: dict(options) for plugin, options in sets.items()}
@@ -424,7 +432,7 @@ def sample_job(spec: DatasetSpec, item: Item, values: Mapping[str, Any]) -> dict
     if sets:
         job["set"] = sets
     job.update(model=spec.model, revision=spec.revision, device=spec.device, dtype=spec.dtype)
-    return job
+    return job, defaults
 
 
 def check_items(items: Sequence[Item], registry: PluginRegistry, where: str) -> None:
@@ -503,6 +511,8 @@ class DatasetWorker:
         threads: CPU threads for PyTorch (None: leave as is).
         loader: ``loader(model, device=, dtype=, revision=, compile=)`` (default
             :func:`~p2p_framework.load_model`).
+        registry: where plugins are found (default: the process's
+            :func:`~p2p_framework.get_registry`, which a Ray actor always uses).
     """
 
     def __init__(
@@ -511,6 +521,7 @@ class DatasetWorker:
         *,
         threads: int | None = None,
         loader: Callable[..., Any] | None = None,
+        registry: PluginRegistry | None = None,
     ) -> None:
         from .model import load_model
         from .runner import AUTO_BATCH_ROWS
@@ -520,7 +531,7 @@ class DatasetWorker:
 
             torch.set_num_threads(threads)
         self.spec = spec
-        self.registry = get_registry()
+        self.registry = registry if registry is not None else get_registry()
         self.filters = [self.registry.build("filter", n, o) for n, o in spec.filters]
         from .runner import model_from_env
 
@@ -560,7 +571,8 @@ class DatasetWorker:
             row = self._row(item, index, values)
             rows[index] = row
             try:
-                run = spec_from_job(sample_job(spec, item, values), self.registry)
+                job, defaults = sample_job(spec, item, values)
+                run = spec_from_job(job, self.registry, defaults=defaults)
             except (P2PError, OSError) as error:
                 row.update(status="failed", error=_error_text(error))
                 continue
@@ -901,12 +913,15 @@ def _item_json(item: Item) -> str:
 
 
 def _rows_in_process(
-    spec: DatasetSpec, items: Sequence[Item], loader: Callable[..., Any] | None
+    spec: DatasetSpec,
+    items: Sequence[Item],
+    loader: Callable[..., Any] | None,
+    registry: PluginRegistry | None,
 ) -> Iterator[dict[str, Any]]:
     """The one-process path: one :class:`DatasetWorker`, called item by item as Ray would."""
     from .signals import raise_pending
 
-    worker = DatasetWorker(spec, loader=loader)
+    worker = DatasetWorker(spec, loader=loader, registry=registry)
     for item in items:
         raise_pending()
         yield from worker({"item": [_item_json(item)]}).to_pylist()
@@ -988,6 +1003,7 @@ def run_dataset(
     on_item: Callable[[DatasetProgress], None] | None = None,
     on_start: Callable[[str, int, int], None] | None = None,
     loader: Callable[..., Any] | None = None,
+    registry: PluginRegistry | None = None,
 ) -> DatasetSummary:
     """Run (or finish) a dataset into ``out``.
 
@@ -1004,6 +1020,8 @@ def run_dataset(
         on_start: ``on_start(engine, items_to_run, items_total)`` before the work begins.
         loader: model loader of the one-process path (default
             :func:`~p2p_framework.load_model`).
+        registry: plugins of the one-process path (Ray actors use their process's
+            :func:`~p2p_framework.get_registry`: built-ins and installed packages).
 
     Raises:
         DatasetError, OutputError: bad items, a folder that holds another spec's dataset or
@@ -1013,7 +1031,7 @@ def run_dataset(
     _need_pyarrow()
     out = Path(out)
     items = read_items(spec.items)
-    check_items(items, get_registry(), spec.items.name)
+    check_items(items, registry if registry is not None else get_registry(), spec.items.name)
     engine = "process"
     if ray != "off" and (ray != "auto" or ray_available()):
         engine = "ray"
@@ -1054,12 +1072,12 @@ def run_dataset(
                         spec, pending, workers, gpus_per_worker
                     )
                 else:
-                    rows = _rows_in_process(spec, pending, loader)
+                    rows = _rows_in_process(spec, pending, loader, registry)
                 for row in rows:
                     finished = writer.add(row)
                     _count(progress, row, finished, began)
                     if finished is not None and on_item is not None:
-                        on_item(progress)
+                        on_item(dataclasses.replace(progress, workers=dict(progress.workers)))
         finally:
             writer.commit()  # what finished is kept, also on Ctrl-C or a failure
             summary.shards = writer.shards_written

@@ -64,7 +64,7 @@ def test_documented_plugin_options_exist():
 def test_per_step_protocol_signatures_are_the_codes():
     """The protocol block of docs/hooks.md names only methods that exist, with their
     parameter names in order."""
-    from p2p_framework import Edit, EditRun, Source, StepGuide
+    from p2p_framework import Edit, EditRun, Filter, Source, StepGuide
     from p2p_framework.inversion import InvertingSource
 
     classes = {
@@ -73,6 +73,7 @@ def test_per_step_protocol_signatures_are_the_codes():
         "Source": Source,
         "StepGuide": StepGuide,
         "InvertingSource": InvertingSource,
+        "Filter": Filter,
     }
     reference = (ROOT / "docs" / "hooks.md").read_text()
     block = reference[reference.index("## The per-step protocol") :]
