@@ -969,7 +969,10 @@ def dataset_command(
         _log(f"Dataset: {pending} of {total} item(s) to run ({done} done before), on {where}")
 
     def on_item(progress: DatasetProgress) -> None:
-        workers_text = ", ".join(f"{w} {n}" for w, n in sorted(progress.workers.items()))
+        workers_text = ", ".join(
+            f"{w} {n} ({60 * n / max(progress.busy.get(w, 0.0), 1e-9):.1f}/min busy)"
+            for w, n in sorted(progress.workers.items())
+        )
         _log(
             f"[{progress.items_done}/{progress.items_total} items] kept {progress.kept} of "
             f"{progress.samples} samples ({progress.failed} failed), "

@@ -846,6 +846,7 @@ class DatasetProgress:
         samples: samples finished in this run; kept, dropped, failed: of those.
         seconds: since the work began (model loading and Ray's start included).
         workers: samples finished per worker (``host:pid``).
+        busy: seconds each worker spent on its samples (running, scoring, encoding).
         item: the key of the item just finished.
     """
 
@@ -857,6 +858,7 @@ class DatasetProgress:
     failed: int = 0
     seconds: float = 0.0
     workers: dict[str, int] = field(default_factory=dict)
+    busy: dict[str, float] = field(default_factory=dict)
     item: str | None = None
 
     @property
@@ -905,6 +907,7 @@ class DatasetSummary:
             "seconds": round(p.seconds, 3),
             "samples_per_minute": round(p.samples_per_minute, 3),
             "per_worker": dict(p.workers),
+            "busy_seconds": {k: round(v, 3) for k, v in p.busy.items()},
         }
 
 
@@ -1077,7 +1080,11 @@ def run_dataset(
                     finished = writer.add(row)
                     _count(progress, row, finished, began)
                     if finished is not None and on_item is not None:
-                        on_item(dataclasses.replace(progress, workers=dict(progress.workers)))
+                        on_item(
+                            dataclasses.replace(
+                                progress, workers=dict(progress.workers), busy=dict(progress.busy)
+                            )
+                        )
         finally:
             writer.commit()  # what finished is kept, also on Ctrl-C or a failure
             summary.shards = writer.shards_written
@@ -1089,6 +1096,7 @@ def _count(progress: DatasetProgress, row: Mapping[str, Any], item: str | None, 
     status = str(row["status"])
     setattr(progress, status, getattr(progress, status) + 1)
     progress.workers[row["worker"]] = progress.workers.get(row["worker"], 0) + 1
+    progress.busy[row["worker"]] = progress.busy.get(row["worker"], 0.0) + float(row["seconds"])
     progress.seconds = time.perf_counter() - began
     if item is not None:
         progress.items_done += 1

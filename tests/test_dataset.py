@@ -183,6 +183,7 @@ def test_interrupted_run_finishes_only_what_is_missing(made, plugins, tmp_path):
     assert sorted(first) == sorted(second)  # every kept sample once, the same ones
     for key, row in first.items():
         assert second[key]["target_images"] == row["target_images"]
+
     def outcomes(folder):
         found = Manifest.read(folder).items()
         return {k: {**v, "failed": sorted(v["failed"])} for k, v in found.items()}
