@@ -2,7 +2,7 @@
 Parquet shards committed by the manifest, exactly once across an interruption.
 
 The Ray engine's tests (a local Ray, killed actors) are in ``test_dataset_ray.py``, marked
-``ray`` (run with ``pytest -m ray``)."""
+``ray`` (run with ``pytest -m ray``), as is the real-SIGINT test here."""
 
 from __future__ import annotations
 
@@ -304,3 +304,52 @@ def test_cli_dataset_runs_in_one_process_and_says_how_to_scale_out(made, plugins
     )
     bad = CliRunner().invoke(cli, ["dataset", str(made.root / "nope.toml"), "--out", "x"])
     assert bad.exit_code == 2 and bad.stderr.startswith("Error: cannot read dataset spec")
+
+
+def test_the_example_spec_and_items_load(plugins):
+    root = Path(__file__).resolve().parent.parent / "docs" / "examples" / "dataset"
+    spec = load_dataset_spec(root / "spec.toml", plugins)
+    items = read_items(spec.items)
+    assert (len(items), spec.samples_per_item, spec.keep) == (4, 4, 2)
+    assert spec.items == root / "items.jsonl"
+
+
+@pytest.mark.ray  # a second process (about 15 s): with the heavy dataset tests, -m ray
+def test_sigint_commits_what_finished_and_the_rerun_does_the_rest(made, plugins, tmp_path):
+    """A real Ctrl-C (SIGINT) to `p2p-run dataset`: exit 130 once an item is committed; the
+    rerun runs only the others."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path / "spec", GOOD, **{**SPEC, "rank": "pixel-change"})
+    text = spec.read_text().replace('[[filters]]\nname = "blueness"\n', "")
+    spec.write_text(text)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "p2p_framework.cli", "dataset", str(spec), "--out", str(out)]
+    env = {**os.environ, "P2P_FRAMEWORK_LOAD_PLUGINS": ""}
+    process = subprocess.Popen(
+        [*command, "--ray", "off", "--threads", "1"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(Manifest.read(out).items()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Interrupted" in stderr
+    committed = len(Manifest.read(out).items())
+    assert 1 <= committed < 3
+    assert sorted(os.listdir(out / SHARDS)) == Manifest.read(out).shards()
+    result = CliRunner().invoke(
+        cli, ["dataset", str(spec), "--out", str(out), "--ray", "off", "--json"], obj=plugins
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["items_before"], summary["items_run"]) == (committed, 3 - committed)
+    keys = read_dataset(out).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 3
