@@ -32,8 +32,10 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 import os
 import random
+import re
 import socket
 import sys
 import time
@@ -948,6 +950,7 @@ def _rows_on_ray(
 
     cpus = ray.cluster_resources().get("CPU", 1)
     per_worker = max(1, int(cpus // max(1, workers))) if gpus_per_worker == 0 else 1
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -966,8 +969,16 @@ def _rows_on_ray(
         num_gpus=gpus_per_worker or None,
         batch_format="numpy",
     )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield from batch.to_pylist()
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from batch.to_pylist()
+    except ray.exceptions.RayError as error:
+        # A worker that cannot start (its model does not load) ends the run; Ray's error
+        # holds the remote traceback as text: say the user's error in one line.
+        found = re.findall(r"p2p_framework\.errors\.\w+: (.+)", str(error))
+        if found:
+            raise DatasetError(f"a Ray worker failed: {found[-1].strip()}") from error
+        raise
 
 
 @contextlib.contextmanager
@@ -982,7 +993,12 @@ def ray_session(address: str, workers: int) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    # Ray's own INFO lines would drown the progress lines; warnings and errors still show.
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+    }
     if address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS")):
         from .cpu_threads import usable_cores
 
