@@ -718,7 +718,9 @@ def plugins_command(as_json: bool, kind: str | None, **_: Any) -> None:
             click.echo(f"    {info.summary}")
         for option in info.options:
             default = "required" if option.required else f"default {option.default!r}"
-            click.echo(f"    --set {info.name}.{option.name}: {option.type}, {default}")
+            # A filter's options are keys of its [[filters]] table in a dataset spec.
+            where = f"--set {info.name}." if info.kind != "filter" else f"[[filters]] {info.name}: "
+            click.echo(f"    {where}{option.name}: {option.type}, {default}")
             if option.help:
                 click.echo(f"        {option.help}")
 

@@ -353,3 +353,18 @@ def test_sigint_commits_what_finished_and_the_rerun_does_the_rest(made, plugins,
     assert (summary["items_before"], summary["items_run"]) == (committed, 3 - committed)
     keys = read_dataset(out).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 3
+
+
+def test_cli_exits_1_when_a_sample_failed_and_names_the_manifest(plugins, tmp_path):
+    spec = write_spec(tmp_path / "spec", [BAD], **SPEC)
+    out = tmp_path / "out"
+    args = ["dataset", str(spec), "--out", str(out), "--ray", "off", "--threads", "1"]
+    result = CliRunner().invoke(cli, args, obj=plugins)
+    assert result.exit_code == 1, result.output
+    assert result.stdout.strip() == str(out)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: 2 sample(s) failed; their errors are in {out / MANIFEST}"
+    )
+    assert "failed 2" in result.stderr and Manifest.read(out).shards() == []
+    again = CliRunner().invoke(cli, args, obj=plugins)  # recorded: not run again
+    assert again.exit_code == 0 and "Nothing to do" in again.stderr
