@@ -948,8 +948,12 @@ def _rows_on_ray(
     :class:`DatasetWorker` (a model loaded once per actor), one item per call."""
     import ray
 
+    # A CPU actor takes an equal share of the cluster's CPUs, at most one machine's.
     cpus = ray.cluster_resources().get("CPU", 1)
-    per_worker = max(1, int(cpus // max(1, workers))) if gpus_per_worker == 0 else 1
+    largest = max(
+        (n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus
+    )
+    per_worker = max(1, int(min(cpus // max(1, workers), largest))) if not gpus_per_worker else 1
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
