@@ -291,7 +291,9 @@ def test_cli_dataset_runs_in_one_process_and_says_how_to_scale_out(made, plugins
 
     monkeypatch.setattr(dataset, "ray_available", lambda: False)
     result = CliRunner().invoke(
-        cli, ["dataset", str(made.spec.path), "--out", str(made.out), "--json"], obj=plugins
+        cli,
+        ["dataset", str(made.spec.path), "--out", str(made.out), "--json", "--threads", "1"],
+        obj=plugins,
     )
     assert result.exit_code == 0, result.output
     assert "Ray is not installed: running in this process" in result.stderr
@@ -346,7 +348,9 @@ def test_sigint_commits_what_finished_and_the_rerun_does_the_rest(made, plugins,
     assert 1 <= committed < 3
     assert sorted(os.listdir(out / SHARDS)) == Manifest.read(out).shards()
     result = CliRunner().invoke(
-        cli, ["dataset", str(spec), "--out", str(out), "--ray", "off", "--json"], obj=plugins
+        cli,
+        ["dataset", str(spec), "--out", str(out), "--ray", "off", "--json", "--threads", "1"],
+        obj=plugins,
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)

@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from p2p_framework.dataset import Manifest, load_dataset_spec, read_dataset, run_dataset
 
@@ -95,7 +96,12 @@ def test_same_spec_twice_gives_the_same_images_as_one_process(reference, tmp_pat
     spec, _, first = reference
     again = run_dataset(spec, tmp_path / "ray", ray="auto", workers=2)
     second = every_sample_once(tmp_path / "ray", 4, 3)
-    alone = run_dataset(spec, tmp_path / "process", ray="off")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 actors (a CLI test's --threads auto may differ)
+    try:
+        alone = run_dataset(spec, tmp_path / "process", ray="off")
+    finally:
+        torch.set_num_threads(threads)
     third = every_sample_once(tmp_path / "process", 4, 3)
     assert (again.engine, alone.engine) == ("ray", "process")
     assert sorted(first) == sorted(second) == sorted(third) and len(first) == 9
