@@ -196,7 +196,7 @@ def _verbosity(func: Callable[..., Any]) -> Callable[..., Any]:
 #: The model options' help, then each scope's default: ``run`` (edit, generate, invert),
 #: ``rerun`` and ``pipeline`` (``p2p-run run``).
 _MODEL_HELP = {
-    "model": "Hugging Face hub id or local diffusers folder (Stable Diffusion 1.x/2.x).",
+    "model": "Hugging Face hub id or local diffusers folder (Stable Diffusion 1.x, 2.x or XL).",
     "revision": "Hub revision (branch, tag or commit) of --model.",
     "device": "Torch device; auto picks cuda, then mps, then cpu.",
     "dtype": "Weights' precision; auto is float16 on a GPU, float32 on the CPU "
