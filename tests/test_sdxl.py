@@ -92,6 +92,22 @@ def test_a_refiner_is_refused(tiny_sdxl_model_dir: Path, tmp_path: Path) -> None
         load_model(refiner, device="cpu", dtype="float32")
 
 
+def test_float16_vae_with_force_upcast_runs_in_float32(tiny_sdxl_model_dir: Path) -> None:
+    """diffusers' SDXL rule: a float16 VAE whose config says force_upcast decodes (and
+    encodes) in float32; the weights go back to float16 afterwards."""
+    model = load_model(tiny_sdxl_model_dir, device="cpu", dtype="float32")
+    assert model.vae.config.force_upcast
+    model.vae.to(torch.float16)
+    seen: list[torch.dtype] = []
+    for part in (model.vae.decoder, model.vae.encoder):
+        part.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    images = model.decode(torch.randn(1, 4, 16, 16))
+    latents = model.encode_image(images)
+    assert seen == [torch.float32, torch.float32]
+    assert model.vae.dtype == torch.float16 and latents.dtype == torch.float16
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -189,6 +205,13 @@ def test_every_edit_applies_with_and_without_guidance(tiny_sdxl_model, guidance)
         torch.testing.assert_close(edited.latents[:1], source.latents, atol=1e-4, rtol=0)
         changed = (edited.latents[1] - plain.latents[0]).abs().max().item()
         assert changed > 1e-3, name
+
+
+def test_fused_edits_ride_on_the_unpacked_context(tiny_sdxl_model) -> None:
+    edits = [Replace(), Reweight({"dog": 2.0})]
+    exact = run_edit(tiny_sdxl_model, [SOURCE, TARGET], edits, settings=settings())
+    fused = run_edit(tiny_sdxl_model, [SOURCE, TARGET], edits, settings=settings(fused_edits=True))
+    torch.testing.assert_close(fused.latents, exact.latents, atol=1e-3, rtol=0)
 
 
 # --------------------------------------------------------------------------- sources
