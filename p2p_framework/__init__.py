@@ -36,6 +36,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
+from .model_sdxl import SizeConditioning, StableDiffusionXLModel
 from .options import OptionInfo, Plugin
 from .outputs import attention_image, grid_image
 from .pipeline import EditJob, EditResult, EditSettings, run_edit, run_edits
@@ -84,7 +85,9 @@ __all__ = [
     "SourceRequest",
     "SourceLatentGuide",
     "SourceStart",
+    "SizeConditioning",
     "StableDiffusionModel",
+    "StableDiffusionXLModel",
     "Step",
     "StepWindow",
     "StepGuide",
