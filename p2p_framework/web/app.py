@@ -144,11 +144,17 @@ class Page:
             if name == fields.get("method"):
                 method_options = {c.option: v for c, v in zip(controls, rest)}
             rest = rest[len(controls) :]
-        height, width = fields.pop("height", None), fields.pop("width", None)
+        size = self.service.model.default_size
+        # The model's own size (the fields' initial value) is "not given", as on the command
+        # line: the run and its command then leave --height/--width out.
+        height, width = (
+            None if value in (None, "", 0, size) else value
+            for value in (fields.pop("height", None), fields.pop("width", None))
+        )
         return EditForm(
             **fields,
-            height=int(height) if height else None,
-            width=int(width) if width else None,
+            height=height,
+            width=width,
             extra_edits=extra_edits,
             edit_options=edit_options,
             method_options=method_options,
@@ -285,13 +291,20 @@ def build_app(service: EditService, *, upload_root: str | Path | None = None) ->
     methods = page.method_names
     default_method = "null-text" if "null-text" in methods else (methods[0] if methods else None)
     from ..model import SCHEDULERS
+    from ..preflight import is_demo_model
+
+    shown = (
+        "the demo model (coloured shapes; docs/demo-model.md)"
+        if is_demo_model(service.model_name)
+        else service.model_name
+    )
 
     with gr.Blocks(
         title="p2p-run serve", analytics_enabled=False, delete_cache=(3600, 3600)
     ) as app:
         gr.Markdown(
             "## Prompt-to-Prompt editing\n"
-            f"Model: `{Path(service.model_name).name}` ({size} px). Invert a photo once, then "
+            f"Model: `{shown}` ({size} px). Invert a photo once, then "
             "edit it many times: moving a slider re-runs only the edit."
         )
         photo_path, photo_name = gr.State(None), gr.State("")
@@ -377,10 +390,8 @@ def build_app(service: EditService, *, upload_root: str | Path | None = None) ->
                     )
                     guidance = gr.Slider(0, 20, 7.5, step=0.5, label="Guidance", elem_id="guidance")
                     with gr.Row():
-                        height = gr.Number(
-                            None, precision=0, label="Height (px; empty: the model's)"
-                        )
-                        width = gr.Number(None, precision=0, label="Width (px)")
+                        height = gr.Number(size, precision=0, label="Height (px)", minimum=1)
+                        width = gr.Number(size, precision=0, label="Width (px)", minimum=1)
                     scheduler = gr.Dropdown(
                         list(SCHEDULERS), value="ddim", label="Scheduler (inversion needs ddim)"
                     )
@@ -395,7 +406,10 @@ def build_app(service: EditService, *, upload_root: str | Path | None = None) ->
                 )
                 maps = gr.Image(label="Attention maps per token", elem_id="attention")
                 command = gr.Code(
-                    label="Copy as p2p-run command", language="shell", elem_id="command"
+                    label="Copy as p2p-run command",
+                    language="shell",
+                    wrap_lines=True,
+                    elem_id="command",
                 )
                 record = gr.File(label="Run record (run.json)", elem_id="record")
 
