@@ -124,7 +124,7 @@ class Server:
             return
         self.process.terminate()
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -183,10 +183,14 @@ def _status(page: Any, text: str, timeout: float = 120_000) -> str:
 
 
 def _set_steps(page: Any, steps: int) -> None:
-    page.get_by_text("Advanced").click()
     box = page.locator("#steps input[type=number]")
+    if not box.is_visible():
+        page.get_by_text("Advanced").click()
     box.fill(str(steps))
-    box.press("Enter")
+    box.press("Tab")  # the field commits its value when it loses focus
+    page.wait_for_function(
+        "v => document.querySelector('#steps input[type=range]').value === v", arg=str(steps)
+    )
 
 
 def test_upload_edit_then_move_a_slider_and_reuse_the_inversion(
@@ -199,7 +203,7 @@ def test_upload_edit_then_move_a_slider_and_reuse_the_inversion(
     page.set_input_files("#photo input[type=file]", str(photo))
     assert "Photo shapes.png ready." in _status(page, "ready")
     page.locator("#method input").click()
-    page.get_by_role("option", name="negative-prompt").click()
+    page.get_by_role("option", name="direct").click()
     page.fill("#prompt textarea", PROMPT)
     page.fill("#targets textarea", TARGET)
     _set_steps(page, STEPS)
@@ -219,7 +223,7 @@ def test_upload_edit_then_move_a_slider_and_reuse_the_inversion(
     status = _status(page, "reused")
     assert "Inversion reused from the cache (only the edit ran)." in status
     command = page.inner_text("#command")
-    assert "--image shapes.png --source negative-prompt" in command
+    assert "--image shapes.png --source direct" in command
     assert "--cross-replace 0.5" in command and f"--steps {STEPS}" in command
     # A third-party plugin's options became controls without UI code (the example package,
     # where it is installed), and path options have no field.
@@ -243,8 +247,6 @@ def test_stop_ends_the_run_at_its_next_step(page: Any, server: Server) -> None:
     stopped = server.wait_log(r"run cancelled at denoise step (\d+) of 200", seconds=30)
     assert int(stopped.group(1)) < 200
     # The model is free again: a short run goes through.
-    box = page.locator("#steps input[type=number]")
-    box.fill("3")
-    box.press("Enter")
+    _set_steps(page, 3)
     page.click("#run")
     assert "Done" in _status(page, "Done")
