@@ -1089,13 +1089,7 @@ def serve_command(
     from .web.app import import_gradio, serve
     from .web.service import EditService
 
-    import_gradio()  # a missing extra ends here, before the model loads
     _quiet_libraries()
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        _warn(
-            f"serving on {host}: anyone who can reach this address and port can run edits "
-            "on this machine (and its GPU); there is no login"
-        )
     service = EditService(
         model_from_env(model),
         revision=revision,
@@ -1108,6 +1102,12 @@ def serve_command(
         max_steps=max_steps,
     )
     try:
+        import_gradio(service)  # a missing extra ends here, before the model loads
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            _warn(
+                f"serving on {host}: anyone who can reach this address and port can run "
+                "edits on this machine (and its GPU); there is no login"
+            )
         service.load()
         shown = f"[{host}]" if ":" in host else host
         _log(f"Serving on http://{shown}:{port} (Ctrl-C stops)")

@@ -779,10 +779,11 @@ def _source_argv(
     by_option = {option: key for key, option in type(source).shortcuts.items()}
     argv: list[str] = []
     for option, value in _changed(source).items():
+        shown = value
         if option in paths:
             if paths[option] is None:
                 continue
-            value = paths[option]
+            shown = paths[option]
         key = by_option.get(option)
         shortcut = _BY_KEY.get(key) if key else None
         if shortcut is not None and mode in shortcut.commands:
@@ -794,10 +795,10 @@ def _source_argv(
                     job[shortcut.key] = True
                     continue
             else:
-                argv += [flag, option_text(value)]
-                job[shortcut.key] = value
+                argv += [flag, option_text(shown)]
+                job[shortcut.key] = value  # the real value: a saved file names its source
                 continue
-        argv += ["--set", f"{name}.{option}={option_text(value)}"]
+        argv += ["--set", f"{name}.{option}={option_text(shown)}"]
     return argv
 
 

@@ -133,6 +133,17 @@ def test_the_second_edit_of_a_photo_reuses_its_inversion(service: EditService, p
     # The command names the photo by its own name, never the server's copy or cache.
     assert "--image shapes.png" in moved.command and "--source negative-prompt" in moved.command
     assert str(service.workdir) not in moved.command and "cache_dir" not in moved.command
+    # The cached inversion, uploaded as a saved one: its prompt and settings fill the page.
+    page = Page(service, log=lambda line: None)
+    cached = next(service.cache_dir.glob("*.p2pinv"))
+    path, name, prompt, steps, guidance, height, width, status = page.inversion_uploaded(
+        str(cached), "", 50, 7.5, 64, 64
+    )
+    assert (prompt, steps, guidance, height, width) == (PROMPT, STEPS, 7.5, 64, 64)
+    assert status.startswith(f"Inversion {cached.name} ready (negative-prompt, {STEPS} steps")
+    saved = service.run(form(start="inversion", inversion=path, inversion_name="mine.p2pinv"))
+    assert saved.inversion == "file" and saved.record_data["prompts"][0] == PROMPT
+    assert f"--inversion mine.p2pinv --edit replace --steps {STEPS}" in saved.command
     # Another method's options are another inversion.
     other = service.run(
         form(start="photo", photo=stored, method="ddim", method_options={}, cross_replace=0.3)

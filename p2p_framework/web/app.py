@@ -42,9 +42,13 @@ START_CHOICES = [
 ]
 
 
-def import_gradio() -> Any:
-    """``gradio``, or a :class:`P2PError` saying how to install it."""
+def import_gradio(service: EditService | None = None) -> Any:
+    """``gradio``, or a :class:`P2PError` saying how to install it. With ``service``,
+    Gradio's uploads and cache go into the service's folder (unless ``$GRADIO_TEMP_DIR``
+    says otherwise; Gradio reads it on import), removed with it."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    if service is not None:
+        os.environ.setdefault("GRADIO_TEMP_DIR", str(service.workdir / "gradio"))
     try:
         import gradio
     except ImportError as error:
@@ -108,22 +112,25 @@ class Page:
         return stored, upload[1], preview, f"Photo {html.escape(upload[1])} ready."
 
     def inversion_uploaded(
-        self, file: Any, prompt: str, steps: float, guidance: float
-    ) -> tuple[str | None, str, str, float, float, str]:
+        self, file: Any, prompt: str, steps: float, guidance: float, height: Any, width: Any
+    ) -> tuple[Any, ...]:
         """A ``.p2pinv`` was uploaded: ``(stored path, own name, source prompt, steps,
-        guidance, status)`` (the prompt, steps and guidance are the file's)."""
+        guidance, height, width, status)``: the prompt and settings are the file's (an
+        inversion fits only those)."""
+        unchanged = (prompt, steps, guidance, height, width)
         try:
             upload = self._upload(file)
             if upload is None:
-                return None, "", prompt, steps, guidance, ""
+                return None, "", *unchanged, ""
             facts = self.service.accept_inversion(*upload)
         except P2PError as error:
-            return None, "", prompt, steps, guidance, _message("Error", str(error))
+            return None, "", *unchanged, _message("Error", str(error))
         note = (
             f"Inversion {html.escape(facts.name)} ready ({facts.method}, {facts.steps} steps, "
             f"{facts.width}x{facts.height} px)."
         )
-        return facts.path, facts.name, facts.prompt, facts.steps, facts.guidance, note
+        settings = (facts.prompt, facts.steps, facts.guidance, facts.height, facts.width)
+        return facts.path, facts.name, *settings, note
 
     def form(self, values: list[Any]) -> EditForm:
         """An :class:`EditForm` from :meth:`run`'s arguments (see :meth:`inputs_order`)."""
@@ -430,8 +437,8 @@ def build_app(service: EditService, *, upload_root: str | Path | None = None) ->
         photo.change(page.photo_uploaded, photo, [photo_path, photo_name, photo_view, status])
         inversion.change(
             page.inversion_uploaded,
-            [inversion, prompt, steps, guidance],
-            [inversion_path, inversion_name, prompt, steps, guidance, status],
+            [inversion, prompt, steps, guidance, height, width],
+            [inversion_path, inversion_name, prompt, steps, guidance, height, width, status],
         )
         form_inputs = {
             "start": start,
@@ -483,8 +490,7 @@ def serve(
 ) -> Any:
     """Start the page on ``host:port`` (the model loaded first). With ``block`` it serves
     until interrupted; else it returns the running app (``app.close()`` stops it)."""
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(service.workdir / "gradio"))
-    gr = import_gradio()
+    gr = import_gradio(service)
     app = build_app(service)
     theme = gr.themes.Default(
         # System fonts: the page loads nothing from outside the server.

@@ -547,6 +547,7 @@ class EditService:
             if cancel is not None and cancel.is_set():
                 raise RunCancelled(0, spec.settings.steps, "queue")
             began = time.perf_counter()
+            # The run's warnings, for the page (one run at a time: the lock is held).
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", P2PWarning)
                 try:
