@@ -547,6 +547,7 @@ def cli() -> None:
           --prompt "a cat sitting next to a mirror" --out cat.p2pinv
       p2p-run plugins
       p2p-run run jobs.toml --json
+      p2p-run serve                      # a web page (pip install 'p2p-framework[ui]')
 
     Exit status: 0 success, 1 failed pipeline job or internal error, 2 bad input,
     130 interrupted.

@@ -375,3 +375,34 @@ def test_the_command_names_a_photo_by_its_own_name() -> None:
     argv = spec_argv(spec, registry, paths={"image": "cat.jpg", "cache_dir": None})
     assert argv[argv.index("--image") + 1] == "cat.jpg"
     assert "/srv" not in " ".join(argv) and "--source" not in argv  # --image picks null-text
+
+
+def test_serve_command_warns_off_localhost_and_needs_gradio(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    from p2p_framework.web import app
+
+    served: list[tuple[str, int]] = []
+    monkeypatch.setattr(EditService, "load", lambda self: None)
+    monkeypatch.setattr(app, "import_gradio", lambda service=None: None)
+    monkeypatch.setattr(
+        app, "serve", lambda service, host, port, block: served.append((host, port))
+    )
+    registry = PluginRegistry(entry_points=False)
+    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--port", "8123"], obj=registry)
+    assert result.exit_code == 0, result.output
+    assert served == [("0.0.0.0", 8123)]
+    assert "Warning: serving on 0.0.0.0: anyone who can reach" in result.output
+    result = CliRunner().invoke(cli, ["serve"], obj=registry)
+    assert "Warning" not in result.output and served[-1] == ("127.0.0.1", 7860)
+
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "gradio", None)  # not installed
+    monkeypatch.setattr(EditService, "load", lambda self: pytest.fail("loaded without Gradio"))
+    result = CliRunner().invoke(cli, ["serve"], obj=registry)
+    assert result.exit_code == 2
+    assert result.output.startswith(
+        "Error: p2p-run serve needs Gradio, an optional dependency: pip install 'p2p-framework[ui]'"
+    )
