@@ -4,6 +4,7 @@
 #
 #   OUT=results bash benchmarks/gpu_check.sh scale   # SD 1.5 eager + compiled, every method
 #   OUT=results bash benchmarks/gpu_check.sh more    # SD 2.1 eager, batched throughput
+#   OUT=results bash benchmarks/gpu_check.sh sdxl    # SDXL at 1024 px (issue 12's targets)
 #
 # The machine has torch with CUDA but may lack diffusers and has no network: wheels in .whl/
 # (pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -48,8 +49,14 @@ more)
     step 300 batching-sd15 benchmarks/batching.py --device cuda --preset sd15 --steps 50 \
         --jobs 8 --repeats 2 --batch-rows 16
     ;;
+sdxl)
+    # Issue 12's targets: the edit at most 1.10x plain generation; null-text at 1024 px with
+    # the half-precision UNet path within 24 GiB (the null-text row's peak memory).
+    step 540 scale-sdxl benchmarks/scale.py --device cuda --arch sdxl --no-warmup --repeats 3 \
+        --rows plain edit edit-all null-text null-text-both --json "$OUT/scale-sdxl.json"
+    ;;
 *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_check.sh scale|more" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_check.sh scale|more|sdxl" >&2
     exit 2
     ;;
 esac

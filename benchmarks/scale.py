@@ -1,10 +1,11 @@
 """Speed and memory at Stable Diffusion size: our edits and inversions against diffusers.
 
-Builds SD 1.5 and SD 2.1 (``--arch``) with random weights from their published configs
+Builds SD 1.5, SD 2.1 and SDXL 1.0 (``--arch``) with random weights from their published configs
 (:mod:`p2p_framework.testing.random_models`) and times, side by side in one run, 2 prompts (source
 and target) at guidance 7.5, i.e. UNet batch 4, with the same DDIM scheduler, steps and size:
 
-- ``plain``: diffusers' ``StableDiffusionPipeline`` generating the 2 prompts;
+- ``plain``: diffusers' ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL)
+  generating the 2 prompts;
 - ``edit``: ``run_edit`` with replace + local blend (what a word swap usually runs);
 - ``edit-all``: the same edit with every attention layer materialised, reference-style:
   the attention store tracks every resolution, cross and self, so every layer computes its
@@ -35,6 +36,7 @@ Usage::
 
     python benchmarks/scale.py --small                    # smoke check: seconds on a CPU
     python benchmarks/scale.py --device cuda --arch sd15 sd21 --compile
+    python benchmarks/scale.py --device cuda --arch sdxl      # 1024 px, its own size
     python benchmarks/scale.py --device cuda --json out.json --write-docs
 """
 
@@ -125,7 +127,7 @@ class RowSpec:
 
 
 ROWS: list[RowSpec] = [
-    RowSpec("plain", "diffusers StableDiffusionPipeline", "plain"),
+    RowSpec("plain", "diffusers pipeline (plain generation)", "plain"),
     RowSpec("edit", "edit: replace + local blend", "edit"),
     RowSpec("edit-all", "edit, every attention layer materialised", "edit", materialise=True),
     RowSpec("ddim", "inversion: ddim", "invert", "ddim"),
@@ -446,6 +448,8 @@ def run_architecture(name: str, args: argparse.Namespace, photo_maker: Callable)
     dtype = pick_dtype(args.dtype, device)
     isolate = args.isolate and device.type == "cpu"
     arch = architecture(arch_name(name, args.small))
+    # Each architecture at its own size (512, 768, 1024 px) unless --size says otherwise.
+    args = argparse.Namespace(**{**vars(args), "size": args.size or arch.default_size})
     torch.set_num_threads(1 if isolate else args.threads)  # no OpenMP pool before a fork
     began = time.perf_counter()
     model = build_random_model(arch, device=device, dtype=dtype, seed=0)
@@ -585,8 +589,14 @@ def describe(meta: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=["sd15"], help="sd15, sd21 (default sd15)")
-    parser.add_argument("--size", type=int, help="pixels (default 512; 64 with --small)")
+    parser.add_argument(
+        "--arch", nargs="+", default=["sd15"], help="sd15, sd21, sdxl (default sd15)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        help="pixels (default: the architecture's own, 512, 768 or 1024; 64 with --small)",
+    )
     parser.add_argument("--steps", type=int, help="DDIM steps (default 50; 3 with --small)")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA), float32, ...")
@@ -627,7 +637,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--machine", help="subsection name for --write-docs (default: the card)")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     args = parser.parse_args(argv)
-    args.size = args.size or (64 if args.small else 512)
+    args.size = args.size or (64 if args.small else None)
     args.steps = args.steps or (3 if args.small else 50)
     args.repeats = args.repeats or (2 if args.small else 3)
     args.threads = args.threads or (1 if args.small else torch.get_num_threads())

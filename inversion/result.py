@@ -73,6 +73,10 @@ class Inversion:
             ``unet_backward_rows``.
         image_hash: SHA-256 of the prepared image's pixels.
         crop: the crop offsets ``(left, right, top, bottom)`` applied before resizing.
+        model_family: ``model.family`` of the model it was made with
+            (``stable-diffusion``, ``stable-diffusion-xl``): a model of another family reads
+            its latents and embeddings differently and refuses it. Files written before the
+            field were all ``stable-diffusion``.
     """
 
     method: str
@@ -92,6 +96,7 @@ class Inversion:
     stats: dict[str, Any] = field(default_factory=dict)
     image_hash: str | None = None
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
+    model_family: str = "stable-diffusion"
 
     # -- use --------------------------------------------------------------------------------
     def uncond_embedding_list(self) -> list[torch.Tensor] | None:
@@ -144,6 +149,14 @@ class Inversion:
         Raises:
             InversionMismatchError: listing every mismatch.
         """
+        family = getattr(model, "family", "stable-diffusion")
+        if model is not None and family != self.model_family:
+            # Alone: the other checks compare things that mean different things across families.
+            raise InversionMismatchError(
+                f"{name} was made with a {self.model_family} model "
+                f"({_describe_model(self.model_identity)}); this model is {family}, whose "
+                "latents and text embeddings differ: invert the photo again with this model"
+            )
         problems = []
         if model is not None and not same_model(self.model_identity, model.identity):
             problems.append(
@@ -198,6 +211,7 @@ class Inversion:
             "stats": self.stats,
             "image_hash": self.image_hash,
             "crop": list(self.crop),
+            "model_family": self.model_family,
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -269,6 +283,7 @@ class Inversion:
                 stats=dict(meta.get("stats", {})),
                 image_hash=meta.get("image_hash"),
                 crop=tuple(meta.get("crop", (0, 0, 0, 0))),  # type: ignore[arg-type]
+                model_family=str(meta.get("model_family", "stable-diffusion")),
             )
             inversion.validate()
         except (KeyError, TypeError, ValueError) as error:

@@ -37,6 +37,7 @@ from .errors import (
 from .filters import EditPair, Filter
 from .hookspecs import hookimpl
 from .model import StableDiffusionModel, load_model
+from .model_sdxl import SizeConditioning, StableDiffusionXLModel
 from .options import OptionInfo, Plugin
 from .outputs import attention_image, grid_image
 from .pipeline import EditJob, EditResult, EditSettings, run_edit, run_edits
@@ -87,7 +88,9 @@ __all__ = [
     "SourceRequest",
     "SourceLatentGuide",
     "SourceStart",
+    "SizeConditioning",
     "StableDiffusionModel",
+    "StableDiffusionXLModel",
     "Step",
     "StepWindow",
     "StepGuide",

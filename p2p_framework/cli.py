@@ -196,7 +196,7 @@ def _verbosity(func: Callable[..., Any]) -> Callable[..., Any]:
 #: The model options' help, then each scope's default: ``run`` (edit, generate, invert),
 #: ``rerun`` and ``pipeline`` (``p2p-run run``).
 _MODEL_HELP = {
-    "model": "Hugging Face hub id or local diffusers folder (Stable Diffusion 1.x/2.x).",
+    "model": "Hugging Face hub id or local diffusers folder (Stable Diffusion 1.x, 2.x or XL).",
     "revision": "Hub revision (branch, tag or commit) of --model.",
     "device": "Torch device; auto picks cuda, then mps, then cpu.",
     "dtype": "Weights' precision; auto is float16 on a GPU, float32 on the CPU "
@@ -552,6 +552,7 @@ def cli() -> None:
       p2p-run plugins
       p2p-run run jobs.toml --json
       p2p-run dataset spec.toml --out out/pairs --ray local --workers 2
+      p2p-run serve                      # a web page (pip install 'p2p-framework[ui]')
 
     Exit status: 0 success, 1 failed pipeline job or internal error, 2 bad input,
     130 interrupted.
@@ -1169,6 +1170,86 @@ def invert_command(
         click.echo(json.dumps({"path": str(path), **inversion.summary()}, ensure_ascii=False))
     else:
         click.echo(str(path))
+
+
+@cli.command("serve")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. 127.0.0.1: this machine only; 0.0.0.0: every network "
+    "interface (anyone who can reach it can run edits on this machine's GPU: no login).",
+)
+@click.option("--port", type=int, default=7860, show_default=True, help="TCP port. E.g. 8080")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Inversion cache folder. Default: the command line's ($P2P_FRAMEWORK_CACHE_DIR, "
+    "else ~/.cache/p2p-framework/inversions), so photos inverted by `p2p-run edit --image` "
+    "are reused by the page and the other way round.",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(1, 1000),
+    default=200,
+    show_default=True,
+    help="Most diffusion steps a page run may ask for.",
+)
+@_model_options("run")
+@_verbosity
+def serve_command(
+    host: str,
+    port: int,
+    cache_dir: Path | None,
+    max_steps: int,
+    model: str | None,
+    revision: str | None,
+    device: str,
+    dtype: str,
+    compile_unet: bool | None,
+    **_: Any,
+) -> None:
+    """Edit photos in the browser: a Gradio page over the Python API.
+
+    Upload a photo (or generate from a seed), write target prompts, move the sliders; the
+    photo is inverted once (through the inversion cache) and every later edit of it runs
+    only the edit. Runs queue: one at a time on the model. Needs the optional dependency
+    Gradio: pip install 'p2p-framework[ui]'.
+
+    \b
+    Examples:
+      p2p-run serve                      # the demo model, http://127.0.0.1:7860
+      p2p-run serve --model CompVis/stable-diffusion-v1-4 --port 8080
+    """
+    from .runner import model_from_env
+    from .web.app import import_gradio, serve
+    from .web.service import EditService
+
+    _quiet_libraries()
+    service = EditService(
+        model_from_env(model),
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        compile=bool(compile_unet),
+        registry=_registry(),
+        cache_dir=cache_dir,
+        loader=_load_model,
+        max_steps=max_steps,
+    )
+    try:
+        import_gradio(service)  # a missing extra ends here, before the model loads
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            _warn(
+                f"serving on {host}: anyone who can reach this address and port can run "
+                "edits on this machine (and its GPU); there is no login"
+            )
+        service.load()
+        shown = f"[{host}]" if ":" in host else host
+        _log(f"Serving on http://{shown}:{port} (Ctrl-C stops)")
+        serve(service, host=host, port=port, block=True)
+    finally:
+        service.close()
 
 
 def main(argv: list[str] | None = None) -> None:

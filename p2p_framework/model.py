@@ -2,8 +2,8 @@
 
 Everything outside this module talks to :class:`StableDiffusionModel`: text encoding, the
 UNet call, VAE encode/decode, sizes. Stable Diffusion 1.x and 2.x (epsilon or v-prediction)
-share it; SDXL, with two text encoders and added conditioning, would be a second adapter with
-the same methods, chosen in :func:`load_model`.
+share it; SDXL, with two text encoders and added conditioning, is a subclass with the same
+methods (:mod:`p2p_framework.model_sdxl`), chosen in :func:`load_model` from the folder.
 """
 
 from __future__ import annotations
@@ -325,21 +325,57 @@ class StableDiffusionModel:
         embeddings = self.text_encoder(ids)[0]
         return embeddings.to(dtype=self.dtype, device=self.device)
 
-    def predict(self, latents: torch.Tensor, timestep: Any, context: torch.Tensor) -> torch.Tensor:
+    @property
+    def context_tokens(self) -> int:
+        """Rows of the UNet context per prompt (:meth:`encode_text`): the tokenizer's
+        length here; adapters that pack more conditioning into the context add theirs."""
+        return self.max_tokens
+
+    @torch.no_grad()
+    def uncond_context(self) -> torch.Tensor:
+        """The ``(1, context_tokens, dim)`` unconditional context of classifier-free guidance
+        (the encoding of ``""`` for SD 1.x/2.x)."""
+        return self.encode_text([""])
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: Any,
+        context: torch.Tensor,
+        sizes: Any = None,
+    ) -> torch.Tensor:
         """The UNet's raw output (noise or v, per ``prediction_type``).
 
         Args:
             latents: ``(batch, channels, height, width)``, already scaled by the scheduler.
             context: ``(batch, tokens, dim)`` text embeddings.
+            sizes: SDXL's micro-conditioning
+                (:class:`~p2p_framework.model_sdxl.SizeConditioning`); this family has none,
+                so only None or the default is accepted.
         """
+        if sizes is not None and not sizes.is_default:
+            raise OptionError(
+                "pipeline",
+                "original_size",
+                f"size conditioning is SDXL's; this model ({self.family}) has none",
+            )
+        return self._call_unet(latents, timestep, context)
+
+    def _call_unet(
+        self, latents: torch.Tensor, timestep: Any, context: torch.Tensor, **extra: Any
+    ) -> torch.Tensor:
+        """The UNet (compiled when :meth:`compile` was called) on ``(batch, tokens, dim)``
+        hidden states and the family's ``extra`` keyword arguments."""
         if self._compiled_unet is None:
-            return self.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)[0]
+            return self.unet(
+                latents, timestep, encoder_hidden_states=context, return_dict=False, **extra
+            )[0]
         if self.compile_mode == "reduce-overhead":
             # Each call is a new CUDA-graph step; its output lives in the graph's memory pool,
             # which the next call overwrites, so hand back a copy the caller can keep.
             torch.compiler.cudagraph_mark_step_begin()
         out = self._compiled_unet(
-            latents, timestep, encoder_hidden_states=context, return_dict=False
+            latents, timestep, encoder_hidden_states=context, return_dict=False, **extra
         )[0]
         return out.clone() if self.compile_mode == "reduce-overhead" else out
 
@@ -416,7 +452,8 @@ def load_model(
     revision: str | None = None,
     compile: bool | str = False,
 ) -> StableDiffusionModel:
-    """Load a diffusers Stable Diffusion pipeline from a hub id or a local folder.
+    """Load a diffusers Stable Diffusion (1.x, 2.x or XL) pipeline from a hub id or a local
+    folder; the adapter follows the pipeline's components (a second text encoder: SDXL).
 
     Args:
         model: hub id (``"CompVis/stable-diffusion-v1-4"``) or a folder saved with
@@ -462,30 +499,46 @@ def load_model(
             f"cannot load model {text!r}: {_error_summary(error, text)}"
         ) from error
     components = pipe.components
-    if "text_encoder_2" in components:
-        raise ModelLoadError(f"{text!r} is an SDXL-style pipeline, which is not supported yet")
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if components.get(c) is None]
-    if missing:
-        raise ModelLoadError(f"{text!r} is not a Stable Diffusion pipeline (missing {missing})")
+    sdxl = "text_encoder_2" in components
+    if not sdxl:
+        missing = [
+            c for c in ("unet", "vae", "text_encoder", "tokenizer") if components.get(c) is None
+        ]
+        if missing:
+            raise ModelLoadError(f"{text!r} is not a Stable Diffusion pipeline (missing {missing})")
     identity: dict[str, Any]
     if looks_local:
         identity = {"model": str(path.resolve()), "folder_hash": folder_hash(path)}
     else:
         commit = getattr(pipe.config, "_commit_hash", None) or pipe.config.get("_commit_hash")
         identity = {"model": text, "revision": revision or "main", "commit": commit}
-    for name in ("unet", "vae", "text_encoder"):
-        module = components[name]
+    loaded: StableDiffusionModel
+    if sdxl:
+        from .model_sdxl import sdxl_from_components
+
+        loaded = sdxl_from_components(
+            components,
+            pipe.config,
+            text,
+            scheduler_config=dict(components["scheduler"].config),
+            identity=identity,
+        )
+    else:
+        loaded = StableDiffusionModel(
+            unet=components["unet"],
+            vae=components["vae"],
+            text_encoder=components["text_encoder"],
+            tokenizer=components["tokenizer"],
+            scheduler_config=dict(components["scheduler"].config),
+            identity=identity,
+        )
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = components.get(name)
+        if module is None:
+            continue
         module.to(torch_device)
         module.eval()
         module.requires_grad_(False)
-    loaded = StableDiffusionModel(
-        unet=components["unet"],
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        scheduler_config=dict(components["scheduler"].config),
-        identity=identity,
-    )
     if compile:
         loaded.compile("auto" if compile is True else compile)
     return loaded

@@ -27,6 +27,7 @@ from .batch import ControllerGroup, plan_batches
 from .edit import Edit, EditRun, RunContext
 from .errors import NumericalError, OptionError, P2PError, P2PWarning, PluginRunError, PromptError
 from .model import StableDiffusionModel, check_steps
+from .model_sdxl import SDXL_FAMILY, SizeConditioning
 from .options import validate_fields
 from .prompts import check_prompt_lengths
 from .schedules import OWNER, CrossReplace, StepWindow, cross_replace_table, self_replace_window
@@ -94,6 +95,10 @@ class EditSettings:
             kernel launches instead of 1.2x, which matters on a launch-bound GPU, at the cost
             of float rounding (a few pixels one level apart). Off by default, so that edits
             equal the reference implementation's exactly.
+        original_size, crop_top_left, target_size: SDXL's micro-conditioning, in pixels,
+            ``(height, width)`` / ``(top, left)`` as ``StableDiffusionXLPipeline`` takes them;
+            None (and (0, 0)) are diffusers' defaults: the image size, no crop. Other model
+            families refuse anything else.
     """
 
     steps: Annotated[int, Field(ge=1)] = 50
@@ -108,9 +113,17 @@ class EditSettings:
     attention_downscale: PowerOfTwo = 4
     separate_uncond_pass: bool = False
     fused_edits: bool = False
+    original_size: tuple[PixelSize, PixelSize] | None = None
+    crop_top_left: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = (0, 0)
+    target_size: tuple[PixelSize, PixelSize] | None = None
 
     def __post_init__(self) -> None:
         validate_fields(self, OWNER)
+
+    @property
+    def size_conditioning(self) -> SizeConditioning:
+        """:attr:`original_size`, :attr:`crop_top_left` and :attr:`target_size` together."""
+        return SizeConditioning(self.original_size, self.crop_top_left, self.target_size)
 
     def to_json(self) -> dict[str, Any]:
         """Every field, JSON-ready (schedules by their ``to_json()``), as ``run.json`` has it."""
@@ -234,13 +247,21 @@ def _resolve(model: StableDiffusionModel, job: EditJob) -> tuple[list[str], Edit
     width = model.default_size if settings.width is None else settings.width
     model.latent_size(height, width)  # raises OptionError for sizes the VAE cannot take
     check_steps(settings.steps, model.max_steps)
+    if not settings.size_conditioning.is_default and model.family != SDXL_FAMILY:
+        raise OptionError(
+            "pipeline",
+            "original_size",
+            f"original_size, crop_top_left and target_size are SDXL's size conditioning; "
+            f"this model ({model.family}) has none",
+        )
     # replace() validates again: a field set after construction is checked here.
     return prompts, dataclasses.replace(settings, height=height, width=width)
 
 
 def batch_key(settings: EditSettings) -> tuple[Any, ...]:
     """What jobs must share to run in one UNet batch: steps, whether guidance is on, image
-    size, scheduler, ``separate_uncond_pass`` and ``fused_edits``. Everything else (guidance
+    size, scheduler, ``separate_uncond_pass``, ``fused_edits`` and SDXL's size conditioning.
+    Everything else (guidance
     scale, schedules, edits, sources, attention maps) may differ between the jobs of a
     batch."""
     return (
@@ -251,6 +272,7 @@ def batch_key(settings: EditSettings) -> tuple[Any, ...]:
         settings.scheduler,
         settings.separate_uncond_pass,
         settings.fused_edits,
+        settings.size_conditioning,
     )
 
 
@@ -684,10 +706,11 @@ def _denoise(
     """
     first = jobs[0].settings
     guided = first.guidance > 1.0
+    sizes = first.size_conditioning  # SDXL's time ids; the default for other families
     total = group.total_rows
     dtype, device = model.dtype, model.device
     cond = torch.cat([model.encode_text(job.prompts) for job in jobs])
-    empty = model.encode_text([""]) if guided else None
+    empty = model.uncond_context() if guided else None
     latents = [
         job.start.latent.to(device=device, dtype=dtype).expand(len(job.prompts), -1, -1, -1).clone()
         for job in jobs
@@ -731,16 +754,17 @@ def _denoise(
                 )
                 if first.separate_uncond_pass:
                     group.begin_call(step, None)
-                    out_uncond = model.predict(scaled, t, uncond)
+                    out_uncond = model.predict(scaled, t, uncond, sizes)
                     group.begin_call(step, slice(0, total))
-                    out_cond = model.predict(scaled, t, cond)
+                    out_cond = model.predict(scaled, t, cond, sizes)
                 else:
                     group.begin_call(step, slice(total, 2 * total))
-                    out = model.predict(torch.cat([scaled, scaled]), t, torch.cat([uncond, cond]))
+                    both = torch.cat([uncond, cond])
+                    out = model.predict(torch.cat([scaled, scaled]), t, both, sizes)
                     out_uncond, out_cond = out.chunk(2)
             else:
                 group.begin_call(step, slice(0, total))
-                out_cond = model.predict(scaled, t, cond)
+                out_cond = model.predict(scaled, t, cond, sizes)
             check_errors()
             for index, job in enumerate(jobs):
                 rows = group.job_rows(index)

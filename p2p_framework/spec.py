@@ -634,6 +634,195 @@ def spec_from_job(
     )
 
 
+# -- back to the command line's words -------------------------------------------------------
+
+
+def option_text(value: Any) -> str:
+    """A value written as ``--set`` (and the shortcut options) read it back: ``true``,
+    ``0.4``, ``none``, text as it is, ``a,b`` for a list of plain words, ``a=1,b=2`` for a
+    mapping of plain words to numbers, a schedule as ``0.2:0.8`` or ``default=1.0,lion=0.4``,
+    JSON for anything else."""
+    if hasattr(value, "to_json"):
+        value = value.to_json()
+        if isinstance(value, list) and len(value) == 2 and not isinstance(value[0], list):
+            return f"{option_text(value[0])}:{option_text(value[1])}"
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, Mapping) and value and all(_plain(k) for k in value):
+        parts = [(str(k), v.to_json() if hasattr(v, "to_json") else v) for k, v in value.items()]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for _, v in parts):
+            return ",".join(f"{k}={v}" for k, v in parts)
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) > 1
+        and all(isinstance(v, str) and _plain(v) for v in value)
+    ):
+        return ",".join(value)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _plain(text: Any) -> bool:
+    """A word that the text forms ``a,b`` and ``a=1`` keep as it is."""
+    return isinstance(text, str) and bool(text) and not any(c in text for c in " ,=:[]{}\"'\n")
+
+
+def spec_argv(
+    spec: RunSpec,
+    registry: PluginRegistry | None = None,
+    *,
+    paths: Mapping[str, str | None] | None = None,
+) -> list[str]:
+    """The ``p2p-run edit`` (or ``generate``) arguments that make ``spec`` again:
+    :func:`spec_from_job` of the command line's job equals ``spec`` (the inverse of the
+    command line, for "copy as command" in front ends).
+
+    Every edit is named (``--edit``), in order; options and settings that differ from their
+    defaults are given by their shortcut option when there is one (``--seed``,
+    ``--cross-replace``, ``--image``...), else as ``--set PLUGIN.KEY=VALUE`` or ``--set
+    pipeline.KEY=VALUE``. The model, device and dtype are given unless default.
+
+    Args:
+        spec: the run.
+        registry: where plugins are looked up (default: the global registry).
+        paths: for the source's path options (``image``, ``inversion``, ``cache_dir``...):
+            the text to write instead of the value (e.g. the photo's own file name rather
+            than a server's copy of it), or None to leave the option out.
+    """
+    registry = registry if registry is not None else get_registry()
+    paths = dict(paths or {})
+    argv = ["p2p-run", spec.mode]
+    if spec.mode == "edit":
+        argv += ["--prompt", spec.prompts[0]]
+        for target in spec.prompts[1:]:
+            argv += ["--target", target]
+    else:
+        for prompt in spec.prompts:
+            argv += ["--prompt", prompt]
+    job: dict[str, Any] = {}
+    argv += _source_argv(spec.source, spec.mode, registry, paths, job)
+    chosen = default_source(registry, job)
+    if chosen != spec.source.name:
+        argv += ["--source", spec.source.name]
+    for edit in spec.edits:
+        argv += ["--edit", registry_name(registry, "edit", edit)]
+    for edit in spec.edits:
+        name = registry_name(registry, "edit", edit)
+        for option, value in _changed(edit).items():
+            argv += ["--set", f"{name}.{option}={option_text(value)}"]
+    argv += _settings_argv(spec)
+    if spec.save_attention:
+        argv.append("--save-attention")
+    from .demo import DEMO_MODEL_DIR
+
+    if spec.model and Path(spec.model) != Path(DEMO_MODEL_DIR):
+        argv += ["--model", spec.model]
+    if spec.revision:
+        argv += ["--revision", spec.revision]
+    for key in ("device", "dtype"):
+        if getattr(spec, key) != "auto":
+            argv += [f"--{key}", getattr(spec, key)]
+    if spec.compile:
+        argv.append("--compile")
+    return argv
+
+
+def registry_name(registry: PluginRegistry, kind: str, plugin: Any) -> str:
+    """The name ``plugin``'s class is registered under (else its ``name``)."""
+    for info in registry.plugins(kind):
+        if info.plugin_class is type(plugin):
+            return info.name
+    return str(getattr(plugin, "name", type(plugin).__name__))
+
+
+def _changed(plugin: Any) -> dict[str, Any]:
+    """The options of a plugin object that differ from their defaults."""
+    import dataclasses
+
+    changed = {}
+    for f in dataclasses.fields(plugin):
+        if not f.init:
+            continue
+        value = getattr(plugin, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if default is dataclasses.MISSING or value != _validated(plugin, f.name, default):
+            changed[f.name] = value
+    return changed
+
+
+def _validated(plugin: Any, option: str, value: Any) -> Any:
+    """A default as the option's validation converts it (a list default to a tuple...)."""
+    try:
+        return validate_value("", option, field_types(type(plugin))[option], value)
+    except OptionError:
+        return value
+
+
+def _source_argv(
+    source: Source,
+    mode: str,
+    registry: PluginRegistry,
+    paths: dict[str, str | None],
+    job: dict[str, Any],
+) -> list[str]:
+    """The source's changed options: by their shortcut option where it has one (filling
+    ``job`` with the shortcut keys given, to find the default source), else ``--set``."""
+    name = registry_name(registry, "source", source)
+    by_option = {option: key for key, option in type(source).shortcuts.items()}
+    argv: list[str] = []
+    for option, value in _changed(source).items():
+        shown = value
+        if option in paths:
+            if paths[option] is None:
+                continue
+            shown = paths[option]
+        key = by_option.get(option)
+        shortcut = _BY_KEY.get(key) if key else None
+        if shortcut is not None and mode in shortcut.commands:
+            flag = "--" + shortcut.key.replace("_", "-")
+            if shortcut.click.get("is_flag"):
+                converted = shortcut.convert(True) if shortcut.convert else True
+                if converted == value:
+                    argv.append(flag)
+                    job[shortcut.key] = True
+                    continue
+            else:
+                argv += [flag, option_text(shown)]
+                job[shortcut.key] = value  # the real value: a saved file names its source
+                continue
+        argv += ["--set", f"{name}.{option}={option_text(shown)}"]
+    return argv
+
+
+def _settings_argv(spec: RunSpec) -> list[str]:
+    """The settings that differ from :class:`~p2p_framework.EditSettings`' defaults."""
+    import dataclasses
+
+    defaults = EditSettings()
+    by_setting = {s.setting: s for s in SHORTCUTS if s.setting and spec.mode in s.commands}
+    argv: list[str] = []
+    for f in dataclasses.fields(EditSettings):
+        value = getattr(spec.settings, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        if f.name == "attention_maps" and spec.save_attention:
+            continue  # --save-attention turns it on
+        shortcut = by_setting.get(f.name)
+        if shortcut is not None:
+            argv += ["--" + shortcut.key.replace("_", "-"), option_text(value)]
+        else:
+            argv += ["--set", f"{OWNER}.{f.name}={option_text(value)}"]
+    return argv
+
+
 __all__ = [
     "JOB_KEYS",
     "MODES",
@@ -644,8 +833,11 @@ __all__ = [
     "default_edit",
     "default_source",
     "job_keys",
+    "option_text",
     "parse_assignments",
     "plugin_shortcuts",
     "read_record",
+    "registry_name",
+    "spec_argv",
     "spec_from_job",
 ]

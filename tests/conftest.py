@@ -28,6 +28,15 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # A test module may start slow background work before the first test runs, through a
+    # start_early(config) function: test_serve_browser.py boots `p2p-run serve` there.
+    for module in {getattr(item, "module", None) for item in session.items}:
+        start = getattr(module, "start_early", None)
+        if callable(start):
+            start(session.config)
+
+
 @pytest.fixture(scope="session")
 def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny random v-prediction (SD 2.x-style) ``StableDiffusionPipeline``."""

@@ -109,6 +109,27 @@ def test_compiled_batch_of_jobs_is_one_graph(fresh_model) -> None:
         torch.testing.assert_close(batched.latents, solo.latents, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # tracing the SDXL UNet takes about 30 s on 2 cores
+def test_compiled_sdxl_edit_is_one_graph_and_matches_eager(tiny_sdxl_model_dir: Path) -> None:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = load_model(tiny_sdxl_model_dir, device="cpu", dtype="float32")
+
+    def edit():
+        return _edit(model, [Replace(), LocalBlend(words=["cat", "dog"])])
+
+    eager = edit()
+    model.compile(backend="eager", fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = edit()
+        # The added conditioning (pooled text, time ids) is traced into the same graph.
+        assert _unique_graphs() == 1
+        torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-4, rtol=0)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_generation_without_edits(fresh_model) -> None:
     eager = run_edit(fresh_model, PROMPTS[:1], settings=EditSettings(steps=3))
     fresh_model.compile(backend="eager", fullgraph=True)

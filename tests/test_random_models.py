@@ -41,6 +41,41 @@ def test_full_architectures_have_the_published_parameter_counts(name, unet, text
     assert counts == dict(architecture(name).parameters)
 
 
+def test_sdxl_has_the_published_parameter_counts_and_layout():
+    # SDXL base 1.0: UNet 2,567.46 M; CLIP ViT-L/14 123.06 M + OpenCLIP bigG/14 694.66 M.
+    sdxl = architecture("sdxl")
+    counts = parameter_counts("sdxl")
+    assert counts == {
+        "unet": 2_567_463_684,
+        "vae": 83_653_863,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 694_659_840,
+    }
+    assert counts == dict(sdxl.parameters)
+    assert sdxl.default_size == 1024 and sdxl.vae["scaling_factor"] == 0.13025
+    assert sdxl.unet["transformer_layers_per_block"] == (1, 2, 10)
+    small = architecture("sdxl-small")
+    assert small.unet["transformer_layers_per_block"] == (1, 2, 10)
+    assert small.unet["cross_attention_dim"] == 2 * small.text_encoder["hidden_size"]
+
+
+def test_sdxl_small_builds_runs_and_matches_diffusers():
+    from p2p_framework.model_sdxl import StableDiffusionXLModel
+
+    model = build_random_model("sdxl-small", device="cpu", dtype="float32")
+    assert isinstance(model, StableDiffusionXLModel)
+    processors = model.unet.attn_processors
+    assert sum(".attn2." in name for name in processors) == 70  # SDXL's 70 cross layers
+    pipe = diffusers_pipeline(model)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and pipe.unet is model.unet
+    prompt = "a painting of a squirrel eating a burger"
+    hidden, _, pooled, _ = pipe.encode_prompt(
+        prompt, device="cpu", do_classifier_free_guidance=False
+    )
+    ours = model.unpack(model.encode_text([prompt]))
+    assert torch.equal(ours[0], hidden) and torch.equal(ours[1], pooled)
+
+
 def test_full_configs_are_the_published_ones():
     sd15, sd21 = architecture("sd15"), architecture("sd21")
     assert (
@@ -136,7 +171,7 @@ def test_narrow_checks_widths_against_heads():
     with pytest.raises(ValueError, match="heads"):
         narrow(ARCHITECTURES["sd21"], 32)  # 32 channels do not split into 5 heads
     with pytest.raises(ValueError, match="unknown architecture"):
-        architecture("sdxl")
+        architecture("sd3")
 
 
 def _benchmark_module(name: str):

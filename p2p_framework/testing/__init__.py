@@ -7,6 +7,8 @@ the runtime path (``p2p_framework``, its CLI, built-in plugins or inversion) imp
   ``StableDiffusionPipeline`` folder (SD 1.x block layout, 128 px images by default) fully
   offline, in about a second; :func:`build_clip_tokenizer` writes the small CLIP tokenizer it
   uses, in which every word of :data:`DEFAULT_WORDS` (or of your own list) is one token.
+  :func:`save_tiny_sdxl_pipeline` writes a tiny ``StableDiffusionXLPipeline`` folder the
+  same way (two tokenizers and text encoders, SDXL's UNet layout and added conditioning).
 * :func:`build_random_model` builds Stable Diffusion 1.5 / 2.1 (or narrow variants) from their
   published configs with random weights, for timing and memory only
   (:mod:`p2p_framework.testing.random_models`).
@@ -55,6 +57,7 @@ from .tiny_models import (
     bytes_to_unicode,
     prefix_text_encoder_keys,
     save_tiny_pipeline,
+    save_tiny_sdxl_pipeline,
 )
 
 __all__ = [
@@ -84,6 +87,7 @@ __all__ = [
     "plugin_registered",
     "prefix_text_encoder_keys",
     "save_tiny_pipeline",
+    "save_tiny_sdxl_pipeline",
 ]
 
 

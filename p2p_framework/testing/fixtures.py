@@ -20,6 +20,9 @@ Fixtures:
   ``p2p_framework.load_model(tiny_model_dir, device="cpu", dtype="float32")``. It is shared by
   every test of the session: do not change its modules (load your own copy from
   ``tiny_model_dir`` if a test must).
+* ``tiny_sdxl_model_dir`` / ``tiny_sdxl_model`` (session): the same for a tiny
+  ``StableDiffusionXLPipeline`` (:func:`~p2p_framework.testing.save_tiny_sdxl_pipeline`):
+  two text encoders, SDXL's UNet layout and added conditioning, 128 px images.
 * ``registry`` (function): a private ``PluginRegistry(entry_points=False)``: the built-in
   plugins only, whatever is installed, new for each test.
 * ``register_plugin`` (function): ``register_plugin(plugin, *, name=None, package="unknown",
@@ -40,9 +43,16 @@ import pytest
 
 from ..model import StableDiffusionModel, load_model
 from ..registry import PluginRegistry
-from . import plugin_registered, save_tiny_pipeline
+from . import plugin_registered, save_tiny_pipeline, save_tiny_sdxl_pipeline
 
-__all__ = ["register_plugin", "registry", "tiny_model", "tiny_model_dir"]
+__all__ = [
+    "register_plugin",
+    "registry",
+    "tiny_model",
+    "tiny_model_dir",
+    "tiny_sdxl_model",
+    "tiny_sdxl_model_dir",
+]
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +65,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(tiny_model_dir: Path) -> StableDiffusionModel:
     """The tiny epsilon model, loaded once through ``load_model`` on the CPU in float32."""
     return load_model(tiny_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a tiny random ``StableDiffusionXLPipeline`` (128 px images)."""
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tiny_sdxl_model_dir: Path) -> StableDiffusionModel:
+    """The tiny SDXL model, loaded once through ``load_model`` on the CPU in float32 (an
+    :class:`~p2p_framework.model_sdxl.StableDiffusionXLModel`); shared, do not change it."""
+    return load_model(tiny_sdxl_model_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture

@@ -8,19 +8,19 @@ memory from their published configs:
   123.1 M, VAE 83.7 M), 512 px, epsilon prediction;
 * ``sd21``: Stable Diffusion 2.1 (UNet 865.9 M, OpenCLIP ViT-H/14 text encoder as a
   ``CLIPTextModel`` 340.4 M, the same VAE), 768 px, v-prediction;
-* ``sd15-small`` and ``sd21-small``: the same block layouts (levels, layers per block,
-  attention placement, head counts, linear or convolutional projections, prediction type)
-  with narrow channels and a 2-layer text encoder, for smoke runs on a CPU (:func:`narrow`
-  makes other widths).
-
-SDXL (two text encoders, added time conditioning) waits for an SDXL adapter next to
-:class:`~p2p_framework.model.StableDiffusionModel`.
+* ``sdxl``: Stable Diffusion XL base 1.0 (UNet 2,567.5 M, CLIP ViT-L/14 123.1 M plus
+  OpenCLIP ViT-bigG/14 with projection 694.7 M, the VAE's layout), 1024 px, built as a
+  :class:`~p2p_framework.model_sdxl.StableDiffusionXLModel`;
+* ``sd15-small``, ``sd21-small`` and ``sdxl-small``: the same block layouts (levels, layers
+  and transformer blocks per level, attention placement, head counts, linear or
+  convolutional projections, prediction type) with narrow channels and 2-layer text encoders,
+  for smoke runs on a CPU (:func:`narrow` makes other widths).
 
 ::
 
     from p2p_framework.testing import build_random_model, diffusers_pipeline
 
-    model = build_random_model("sd15", device="cuda")   # a StableDiffusionModel
+    model = build_random_model("sd15", device="cuda")   # a StableDiffusionModel (sdxl: XL)
     pipe = diffusers_pipeline(model)                    # diffusers' pipeline, same modules
 
 The tokenizer is :func:`p2p_framework.testing.tiny_models.build_clip_tokenizer` (offline, a small
@@ -31,6 +31,7 @@ models are noise: use them for time and memory only.
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from ..model import SD_DDIM_CONFIG, StableDiffusionModel, pick_device, pick_dtype
+from ..model_sdxl import StableDiffusionXLModel
 from .tiny_models import DEFAULT_WORDS, build_clip_tokenizer
 
 __all__ = [
@@ -151,6 +153,60 @@ _OPENCLIP_H_TEXT: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
 }
 
+# SDXL base 1.0's UNet:
+# https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/unet/config.json.
+# No attention at the first level; 2 and 10 transformer blocks per attention module below it
+# (70 self- and 70 cross-attention layers); the added embedding takes the second text
+# encoder's 1280-wide pooled output and 6 time ids of 256 each (2816). 2,567,463,684 parameters.
+_SDXL_UNET: dict[str, Any] = {
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+    "block_out_channels": (320, 640, 1280),
+    "norm_num_groups": 32,
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+}
+
+# SDXL's VAE: the SD VAE's layout, its own scaling factor, and float32 decoding of float16
+# weights (``force_upcast``, what SDXL pipelines honour):
+# https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/vae/config.json.
+_SDXL_VAE: dict[str, Any] = {
+    **_SD_VAE,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+
+# SDXL's second text encoder, OpenCLIP ViT-bigG/14's text tower with its projection:
+# https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/text_encoder_2/config.json
+# (a CLIPTextModelWithProjection; 694,659,840 parameters).
+_OPENCLIP_BIGG_TEXT: dict[str, Any] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-5,
+}
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -164,8 +220,9 @@ class Architecture:
         text_encoder: keyword arguments of ``CLIPTextConfig`` (vocabulary and special token
             ids are added when building).
         prediction_type: ``epsilon`` or ``v_prediction`` (the scheduler's).
-        parameters: the published parameter counts (``unet``, ``vae``, ``text_encoder``) of
-            a full-size architecture; empty for narrow variants.
+        parameters: the published parameter counts (``unet``, ``vae``, ``text_encoder``,
+            SDXL's ``text_encoder_2``) of a full-size architecture; empty for narrow variants.
+        text_encoder_2: SDXL's second text encoder (with projection), else None.
     """
 
     name: str
@@ -175,6 +232,7 @@ class Architecture:
     text_encoder: Mapping[str, Any]
     prediction_type: str
     parameters: Mapping[str, int]
+    text_encoder_2: Mapping[str, Any] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -182,7 +240,7 @@ class Architecture:
 
     @property
     def default_size(self) -> int:
-        """The image size in pixels the architecture was trained at (512 or 768)."""
+        """The image size in pixels the architecture was trained at (512, 768 or 1024)."""
         return int(self.unet["sample_size"]) * self.vae_scale_factor
 
     @property
@@ -225,33 +283,42 @@ def narrow(
         ValueError: a width that the heads do not divide.
     """
     multipliers = [c // arch.unet["block_out_channels"][0] for c in arch.unet["block_out_channels"]]
+    # (SDXL: multipliers 1, 2, 4; both text encoders narrowed alike, the UNet's context is both.)
     channels = tuple(width * m for m in multipliers)
     heads = arch.unet["attention_head_dim"]
     per_level = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,) * len(channels)
     if any(c % h for c, h in zip(channels, per_level, strict=True)):
         raise ValueError(f"width {width}: channels {channels} do not split into {per_level} heads")
-    text_heads = arch.text_encoder["num_attention_heads"]
-    if text_width is None:
-        text_width = -(-3 * width // text_heads) * text_heads
-    if text_width % text_heads:
-        raise ValueError(f"text width {text_width} does not split into {text_heads} heads")
+
+    def narrow_text(config: Mapping[str, Any], wanted: int | None) -> dict[str, Any]:
+        heads = config["num_attention_heads"]
+        size = -(-3 * width // heads) * heads if wanted is None else wanted
+        if size % heads:
+            raise ValueError(f"text width {size} does not split into {heads} heads")
+        return {
+            **config,
+            "hidden_size": size,
+            "intermediate_size": 4 * size,
+            "num_hidden_layers": text_layers,
+            "projection_dim": size,
+        }
+
+    text = narrow_text(arch.text_encoder, text_width)
+    text_2 = None if arch.text_encoder_2 is None else narrow_text(arch.text_encoder_2, None)
     unet = {
         **arch.unet,
         "block_out_channels": channels,
         "norm_num_groups": math.gcd(32, *channels),
-        "cross_attention_dim": text_width,
+        "cross_attention_dim": text["hidden_size"] + (text_2 or {}).get("hidden_size", 0),
     }
-    text = {
-        **arch.text_encoder,
-        "hidden_size": text_width,
-        "intermediate_size": 4 * text_width,
-        "num_hidden_layers": text_layers,
-        "projection_dim": text_width,
-    }
+    if text_2 is not None:  # SDXL: the pooled output of the second encoder and 6 time ids
+        time_ids = 6 * int(arch.unet["addition_time_embed_dim"])
+        unet["projection_class_embeddings_input_dim"] = text_2["projection_dim"] + time_ids
     vae = {**SMALL_VAE, "sample_size": arch.vae["sample_size"]}
+    vae.update({k: arch.vae[k] for k in ("scaling_factor", "force_upcast") if k in arch.vae})
     name = name or f"{arch.name}-w{width}"
     title = title or f"{arch.title} layout, width {width}"
-    return Architecture(name, title, unet, vae, text, arch.prediction_type, {})
+    return Architecture(name, title, unet, vae, text, arch.prediction_type, {}, text_2)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -273,11 +340,26 @@ ARCHITECTURES: dict[str, Architecture] = {
         "v_prediction",
         {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
     ),
+    "sdxl": Architecture(
+        "sdxl",
+        "SDXL 1.0",
+        _SDXL_UNET,
+        _SDXL_VAE,
+        _CLIP_L_TEXT,
+        "epsilon",
+        {
+            "unet": 2_567_463_684,
+            "vae": 83_653_863,
+            "text_encoder": 123_060_480,
+            "text_encoder_2": 694_659_840,
+        },
+        _OPENCLIP_BIGG_TEXT,
+    ),
 }
 
-# Narrow copies for CPU smoke runs: heads keep their counts (8; 5/10/20/20) and get narrower
-# (4 to 16 channels; 8), 2 text layers. UNets of 8.7 M and 13.6 M parameters.
-for _name, _width, _text_width in (("sd15", 32, 96), ("sd21", 40, 128)):
+# Narrow copies for CPU smoke runs: heads keep their counts (8; 5/10/20/20; 5/10/20) and get
+# narrower (4 to 16 channels; 8; 8), 2 text layers.
+for _name, _width, _text_width in (("sd15", 32, 96), ("sd21", 40, 128), ("sdxl", 40, None)):
     _full = ARCHITECTURES[_name]
     ARCHITECTURES[f"{_name}-small"] = narrow(
         _full,
@@ -292,7 +374,7 @@ def architecture(name: str) -> Architecture:
     """The architecture called ``name`` (a key of :data:`ARCHITECTURES`).
 
     Raises:
-        ValueError: unknown name (SDXL is not supported yet).
+        ValueError: unknown name.
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
@@ -325,13 +407,16 @@ def build_vae(arch: Architecture | str) -> Any:
     return AutoencoderKL(**_resolve(arch).vae)
 
 
-def build_text_encoder(arch: Architecture | str, tokenizer: Any = None) -> Any:
-    """A randomly initialised ``CLIPTextModel`` of ``arch``, on torch's default device.
+def build_text_encoder(
+    arch: Architecture | str, tokenizer: Any = None, *, second: bool = False
+) -> Any:
+    """A randomly initialised ``CLIPTextModel`` of ``arch``, on torch's default device; with
+    ``second``, SDXL's second encoder (a ``CLIPTextModelWithProjection``).
 
     The vocabulary is CLIP's published one (49408 entries); ``tokenizer`` (if given) supplies
     the special token ids and must have at most that many tokens.
     """
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     special: dict[str, int] = {}
     if tokenizer is not None:
@@ -342,8 +427,12 @@ def build_text_encoder(arch: Architecture | str, tokenizer: Any = None) -> Any:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-    config = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, **_resolve(arch).text_encoder, **special)
-    return CLIPTextModel(config)
+    arch = _resolve(arch)
+    layout = arch.text_encoder_2 if second else arch.text_encoder
+    if layout is None:
+        raise ValueError(f"{arch.name} has one text encoder")
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, **layout, **special)
+    return CLIPTextModelWithProjection(config) if second else CLIPTextModel(config)
 
 
 def parameter_counts(arch: Architecture | str) -> dict[str, int]:
@@ -355,6 +444,8 @@ def parameter_counts(arch: Architecture | str) -> dict[str, int]:
             "vae": build_vae(arch),
             "text_encoder": build_text_encoder(arch),
         }
+        if arch.text_encoder_2 is not None:
+            modules["text_encoder_2"] = build_text_encoder(arch, second=True)
     return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
 
 
@@ -367,7 +458,9 @@ def build_random_model(
     sample_size: int | None = None,
     words: Iterable[str] = DEFAULT_WORDS,
 ) -> StableDiffusionModel:
-    """A :class:`~p2p_framework.model.StableDiffusionModel` of ``arch`` with random weights.
+    """A :class:`~p2p_framework.model.StableDiffusionModel` of ``arch`` with random weights
+    (for SDXL a :class:`~p2p_framework.model_sdxl.StableDiffusionXLModel`, whose second
+    tokenizer pads with ``!`` as SDXL's does).
 
     Built in memory, directly on ``device`` (nothing is saved), deterministic for a seed on a
     given device; the global random state is left alone. The scheduler is SD's DDIM
@@ -395,11 +488,15 @@ def build_random_model(
         unet = build_unet(arch, sample_size=sample_size)
         vae = build_vae(arch)
         text_encoder = build_text_encoder(arch, tokenizer)
-    for module in (unet, vae, text_encoder):
-        # nn.Module.to: diffusers' own .to(dtype=...) warns about float32 modules it has none of
-        torch.nn.Module.to(module, dtype=torch_dtype).eval().requires_grad_(False)
+        text_encoder_2 = None
+        if arch.text_encoder_2 is not None:
+            text_encoder_2 = build_text_encoder(arch, tokenizer, second=True)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            # nn.Module.to: diffusers' .to(dtype=...) warns about float32 modules it has none of
+            torch.nn.Module.to(module, dtype=torch_dtype).eval().requires_grad_(False)
     scheduler = DDIMScheduler(**SD_DDIM_CONFIG, prediction_type=arch.prediction_type)
-    return StableDiffusionModel(
+    common = dict(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -407,16 +504,36 @@ def build_random_model(
         scheduler_config=dict(scheduler.config),
         identity={"model": f"random {arch.title} (timing only)", "architecture": arch.name},
     )
+    if text_encoder_2 is None:
+        return StableDiffusionModel(**common)
+    tokenizer_2 = copy.deepcopy(tokenizer)
+    tokenizer_2.pad_token = "!"
+    return StableDiffusionXLModel(**common, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
 def diffusers_pipeline(model: StableDiffusionModel, scheduler: str = "ddim") -> Any:
-    """diffusers' ``StableDiffusionPipeline`` sharing ``model``'s modules (no copy).
+    """diffusers' ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL)
+    sharing ``model``'s modules (no copy).
 
     The scheduler is ``model.make_scheduler(scheduler)`` (DDIM with the papers' settings by
     default), so both run the same trajectory; no safety checker; progress bar off.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if isinstance(model, StableDiffusionXLModel):
+        xl = StableDiffusionXLPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer,
+            tokenizer_2=model.tokenizer_2,
+            unet=model.unet,
+            scheduler=model.make_scheduler(scheduler),
+            force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+        xl.set_progress_bar_config(disable=True)
+        return xl
     pipe = StableDiffusionPipeline(
         vae=model.vae,
         text_encoder=model.text_encoder,

@@ -30,7 +30,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import Attention
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..model import SD_DDIM_CONFIG
 
@@ -49,6 +49,7 @@ __all__ = [
     "prefix_text_encoder_keys",
     "bytes_to_unicode",
     "save_tiny_pipeline",
+    "save_tiny_sdxl_pipeline",
 ]
 
 #: Beginning-of-text token of the CLIP tokenizer.
@@ -242,6 +243,17 @@ def build_clip_tokenizer(
     return tokenizer
 
 
+def _sharpen_cross_attention(unet: UNet2DConditionModel) -> None:
+    """With PyTorch's default init, cross-attention is almost uniform over the 77 tokens, so
+    the prompt barely matters; sharpen it and strengthen its output so it does."""
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, Attention) and module.is_cross_attention:
+                module.to_q.weight.mul_(CROSS_ATTENTION_QK_GAIN)
+                module.to_k.weight.mul_(CROSS_ATTENTION_QK_GAIN)
+                module.to_out[0].weight.mul_(CROSS_ATTENTION_OUT_GAIN)
+
+
 def _tiny_unet(sample_size: int, prediction_type: str) -> UNet2DConditionModel:
     """Tiny UNet with Stable Diffusion 1.x's block structure (2.x-style for v-prediction)."""
     sd2_style = prediction_type == "v_prediction"
@@ -260,18 +272,11 @@ def _tiny_unet(sample_size: int, prediction_type: str) -> UNet2DConditionModel:
         use_linear_projection=sd2_style,
         upcast_attention=sd2_style,
     )
-    # With PyTorch's default init, cross-attention is almost uniform over the 77 tokens, so the
-    # prompt barely matters; sharpen it and strengthen its output so it does.
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, Attention) and module.is_cross_attention:
-                module.to_q.weight.mul_(CROSS_ATTENTION_QK_GAIN)
-                module.to_k.weight.mul_(CROSS_ATTENTION_QK_GAIN)
-                module.to_out[0].weight.mul_(CROSS_ATTENTION_OUT_GAIN)
+    _sharpen_cross_attention(unet)
     return unet
 
 
-def _tiny_vae(sample_size: int) -> AutoencoderKL:
+def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
     """Tiny VAE with 4 levels, hence Stable Diffusion's scale factor of 8."""
     return AutoencoderKL(
         in_channels=3,
@@ -283,12 +288,15 @@ def _tiny_vae(sample_size: int) -> AutoencoderKL:
         norm_num_groups=4,
         latent_channels=4,
         sample_size=sample_size * 8,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
 
 
-def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    """Tiny CLIP text encoder whose vocabulary and special ids match ``tokenizer``."""
+def _tiny_text_encoder(
+    tokenizer: CLIPTokenizer, *, projection: bool = False
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """Tiny CLIP text encoder whose vocabulary and special ids match ``tokenizer``; with
+    ``projection``, SDXL's second encoder (a projected pooled output)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN_SIZE,
@@ -305,13 +313,15 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     # Drawn before construction: building the model consumes random numbers differently in
     # transformers 4 and 5.
     seed = int(torch.randint(0, 2**62, ()))
-    model = CLIPTextModel(config)
+    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
     _initialise_clip_text(model, config, torch.Generator().manual_seed(seed))
     return model
 
 
 def _initialise_clip_text(
-    model: CLIPTextModel, config: CLIPTextConfig, generator: torch.Generator
+    model: CLIPTextModel | CLIPTextModelWithProjection,
+    config: CLIPTextConfig,
+    generator: torch.Generator,
 ) -> None:
     """Draw the text encoder's weights ourselves, in parameter-name order.
 
@@ -331,6 +341,7 @@ def _initialise_clip_text(
         "out_proj.weight": hidden**-0.5,
         "fc1.weight": (2 * hidden) ** -0.5,
         "fc2.weight": in_proj,
+        "text_projection.weight": hidden**-0.5,  # CLIPTextModelWithProjection (SDXL's second)
     }
     with torch.no_grad():
         for name, parameter in sorted(model.named_parameters()):
@@ -428,3 +439,92 @@ def prefix_text_encoder_keys(pipeline_dir: str | Path) -> None:
         for name, tensor in weights.items()
     }
     save_file(prefixed, path, metadata={"format": "pt"})
+
+
+#: The tiny SDXL UNet's levels: no attention at the full latent size (as SDXL), then one and
+#: two transformer blocks per attention module (SDXL: 2 and 10).
+SDXL_BLOCK_OUT_CHANNELS: tuple[int, ...] = (32, 32, 64)
+SDXL_TRANSFORMER_LAYERS: tuple[int, ...] = (1, 1, 2)
+#: Width of each tiny SDXL text encoder (SDXL: 768 and 1280); the UNet's context is both.
+SDXL_TEXT_HIDDEN_SIZE = TEXT_HIDDEN_SIZE
+#: Width of each of the six time ids' embedding (SDXL: 256).
+SDXL_TIME_EMBED_DIM = 8
+
+
+def _tiny_sdxl_unet(sample_size: int) -> UNet2DConditionModel:
+    """Tiny UNet with SDXL's structure: no attention at latent/1, cross-attention at latent/2
+    and /4 with several transformer blocks per module, ``text_time`` added conditioning."""
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=SDXL_BLOCK_OUT_CHANNELS,
+        layers_per_block=1,
+        transformer_layers_per_block=SDXL_TRANSFORMER_LAYERS,
+        norm_num_groups=8,
+        cross_attention_dim=2 * SDXL_TEXT_HIDDEN_SIZE,
+        attention_head_dim=UNET_ATTENTION_HEADS,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_TEXT_HIDDEN_SIZE + 6 * SDXL_TIME_EMBED_DIM,
+    )
+    _sharpen_cross_attention(unet)
+    return unet
+
+
+def save_tiny_sdxl_pipeline(
+    save_dir: str | Path,
+    *,
+    sample_size: int = 16,
+    seed: int = 0,
+    words: Iterable[str] = DEFAULT_WORDS,
+    force_zeros_for_empty_prompt: bool = True,
+) -> Path:
+    """Build a tiny random Stable Diffusion XL pipeline and save it as a diffusers folder.
+
+    It loads with ``StableDiffusionXLPipeline.from_pretrained(save_dir)`` and has SDXL's
+    layout: two tokenizers (the second pads with ``!``), a CLIP text encoder and a CLIP text
+    encoder with projection, a UNet without attention at the full latent size and with several
+    transformer blocks per attention module, ``text_time`` added conditioning (pooled text plus
+    six time ids), a 4-level VAE (scale factor 8, SDXL's scaling factor 0.13025, float16
+    upcast), SD's DDIM scheduler.
+
+    Args:
+        save_dir: folder to write the pipeline to (created if needed).
+        sample_size: latent size of the UNet (16 means 128 px images).
+        seed: seed of the random weights (the global random state is left as it was).
+        words: words that are single tokens of both tokenizers.
+        force_zeros_for_empty_prompt: the pipeline's unconditional rule (SDXL base: True).
+
+    Returns:
+        ``save_dir`` as a :class:`~pathlib.Path`.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    save_dir = Path(save_dir)
+    tokenizer = build_clip_tokenizer(words, save_dir / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(save_dir / "tokenizer", pad_token="!")
+    tokenizer_2.save_pretrained(save_dir / "tokenizer_2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_sdxl_unet(sample_size)
+        vae = _tiny_vae(sample_size, scaling_factor=0.13025)
+        text_encoder = _tiny_text_encoder(tokenizer)
+        text_encoder_2 = _tiny_text_encoder(tokenizer, projection=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_DDIM_CONFIG),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(save_dir)
+    prefix_text_encoder_keys(save_dir)
+    return save_dir
