@@ -64,9 +64,9 @@ def record_unet_rows(model, monkeypatch) -> list[int]:
     calls: list[int] = []
     predict = model.predict
 
-    def counting(latents, timestep, context):
+    def counting(latents, timestep, context, *rest):
         calls.append(latents.shape[0])
-        return predict(latents, timestep, context)
+        return predict(latents, timestep, context, *rest)
 
     monkeypatch.setattr(model, "predict", counting)
     return calls
