@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,15 @@ SMOOTH_OUTPUT_SCALE = 0.05
 def pytest_configure(config: pytest.Config) -> None:
     # Tiny models gain nothing from threads, and one thread keeps timings and results
     # steady when other processes share the two cores.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_again() -> Iterator[None]:
+    """Back to one thread after each test: a command-line test with ``--threads auto`` sets
+    PyTorch's process-wide thread count (2 on an idle machine), which would change the float
+    rounding of every later in-process run and break bit-for-bit comparisons by test order."""
+    yield
     torch.set_num_threads(1)
 
 

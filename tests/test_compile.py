@@ -72,6 +72,7 @@ def test_compiled_edit_is_one_graph_and_matches_eager(fresh_model) -> None:
     assert not torch.allclose(first.latents[0], first.latents[1], atol=1e-3)
 
 
+@pytest.mark.slow  # about 30 s of tracing; the one-graph guard stays in the default run
 def test_compiled_refine_reweight_and_separate_uncond_pass(fresh_model) -> None:
     prompts = ["a cat on a mat", "a fluffy cat on a mat"]
     settings = EditSettings(**SETTINGS, separate_uncond_pass=True, self_replace_min_downscale=1)
@@ -138,6 +139,7 @@ def test_compiled_generation_without_edits(fresh_model) -> None:
     assert torch.equal(compiled.latents, eager.latents)
 
 
+@pytest.mark.slow  # about 40 s of tracing (forward and backward)
 def test_compiled_null_text_inversion_graphs_and_result(fresh_model) -> None:
     from PIL import Image
 

@@ -69,6 +69,7 @@ def test_registered_through_the_entry_point() -> None:
     assert "fixed-point" in invertible_sources(PluginRegistry())
 
 
+@pytest.mark.slow  # a quality test on the demo model (about 50 s)
 def test_fixed_point_beats_ddim_at_guidance_on_the_demo_model(registry, demo_model, scene):
     path, prompt, image = scene
     found = {}

@@ -199,6 +199,7 @@ def test_write_section_replaces_only_its_subsection(tmp_path):
     assert "Keep." not in path.read_text() and "replaced" in path.read_text()
 
 
+@pytest.mark.slow  # the whole benchmark in a subprocess (about 45 s)
 def test_scale_benchmark_small_runs_end_to_end(tmp_path):
     scale = _benchmark_module("scale.py")
     out, docs = tmp_path / "scale.json", tmp_path / "bench.md"

@@ -211,6 +211,8 @@ def test_a_plugin_package_uses_the_fixtures_from_its_conftest(pytester: pytest.P
     result.assert_outcomes(passed=2)
 
 
+# Slow (about 30 s): .ci/run also runs the package's tests directly, as its author would.
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("p2p_example_plugin") is None,
     reason="the example plugin package is not installed "
