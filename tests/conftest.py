@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from p2p_framework import StableDiffusionModel, load_model
+from p2p_framework.cpu_threads import THREADS_ENV
 from p2p_framework.testing import save_tiny_pipeline
 
 # pytester: tests/test_testing.py runs a test session the way a plugin package would.
@@ -26,6 +28,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tiny models gain nothing from threads, and one thread keeps timings and results
     # steady when other processes share the two cores.
     torch.set_num_threads(1)
+    # The same for every p2p-run the tests start (CliRunner or subprocess) that does not say
+    # --threads: `auto` counts the cores other processes are busy on, which changes while the
+    # suite runs (the browser test's server boots beside the first tests), and a run that
+    # took 2 threads rounds differently from its rerun that took 1.
+    os.environ.setdefault(THREADS_ENV, "1")
 
 
 @pytest.fixture(autouse=True)

@@ -186,11 +186,17 @@ def _set_steps(page: Any, steps: int) -> None:
     box = page.locator("#steps input[type=number]")
     if not box.is_visible():
         page.get_by_text("Advanced").click()
-    box.fill(str(steps))
-    box.press("Tab")  # the field commits its value when it loses focus
-    page.wait_for_function(
-        "v => document.querySelector('#steps input[type=range]').value === v", arg=str(steps)
-    )
+    committed = "v => document.querySelector('#steps input[type=range]').value === v"
+    # A re-render of the page (a run ending or being stopped) can swallow a fill: try again.
+    for attempt in range(3):
+        box.fill(str(steps))
+        box.press("Tab")  # the field commits its value when it loses focus
+        try:
+            page.wait_for_function(committed, arg=str(steps), timeout=20_000)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
 
 
 def test_upload_edit_then_move_a_slider_and_reuse_the_inversion(
