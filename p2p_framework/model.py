@@ -12,7 +12,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,15 +309,20 @@ class StableDiffusionModel:
             found.add(grid_for(grid[0] * grid[1], latent_size)[1])
         return tuple(sorted(found))
 
-    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``(prompts, max_tokens)`` padded, truncated token ids."""
-        return self.tokenizer(
+    @staticmethod
+    def _tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        """``(prompts, tokenizer.model_max_length)`` padded, truncated ids of ``tokenizer``."""
+        return tokenizer(
             list(prompts),
             padding="max_length",
-            max_length=self.max_tokens,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
+
+    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``(prompts, max_tokens)`` padded, truncated token ids."""
+        return self._tokenize(self.tokenizer, prompts)
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -391,10 +397,16 @@ class StableDiffusionModel:
         """:meth:`decode` with the VAE in float32 for this call (as diffusers' ``force_upcast``
         does): the SD 1.x / SDXL VAEs overflow in float16 on some latents. The VAE is put
         back in its own dtype afterwards."""
+        with self._vae_in_float32():
+            return self.decode(latents.float())
+
+    @contextmanager
+    def _vae_in_float32(self) -> Iterator[None]:
+        """The VAE in float32 for the block, back in its own dtype afterwards."""
         dtype = self.vae.dtype
         self.vae.to(torch.float32)
         try:
-            return self.decode(latents.float())
+            yield
         finally:
             self.vae.to(dtype)
 

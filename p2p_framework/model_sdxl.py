@@ -96,15 +96,6 @@ class StableDiffusionXLModel(StableDiffusionModel):
         """Rows of the context per prompt: the tokens plus the packed pooled row."""
         return self.max_tokens + 1
 
-    def _ids(self, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
-        return tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """``(prompts, 77)`` ids of the first tokenizer, whose positions word lookups,
         mappers and alignments use; checked against the second tokenizer's.
@@ -116,8 +107,8 @@ class StableDiffusionXLModel(StableDiffusionModel):
         Raises:
             OptionError: the tokenizers split a prompt differently.
         """
-        first = self._ids(self.tokenizer, prompts)
-        second = self._ids(self.tokenizer_2, prompts)
+        first = self._tokenize(self.tokenizer, prompts)
+        second = self._tokenize(self.tokenizer_2, prompts)
         end = self.tokenizer.eos_token_id
         for prompt, a, b in zip(prompts, first.tolist(), second.tolist()):
             length = a.index(end) + 1 if end in a else len(a)
@@ -148,7 +139,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
         ``StableDiffusionXLPipeline.encode_prompt`` computes it: both encoders' penultimate
         hidden states side by side, and the second encoder's projected pooled output."""
         ids_1 = self.token_ids(prompts).to(self.text_encoder.device)
-        ids_2 = self._ids(self.tokenizer_2, prompts).to(self.text_encoder_2.device)
+        ids_2 = self._tokenize(self.tokenizer_2, prompts).to(self.text_encoder_2.device)
         out_1 = self.text_encoder(ids_1, output_hidden_states=True)
         out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
         hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
@@ -164,7 +155,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
                 1, self.context_tokens, int(self.unet.config.cross_attention_dim),
                 dtype=self.dtype, device=self.device,
             )  # fmt: skip
-        return self.encode_text([""])
+        return super().uncond_context()
 
     def predict(
         self,
@@ -205,11 +196,8 @@ class StableDiffusionXLModel(StableDiffusionModel):
         if not self._upcast():
             return super().encode_image(images)
         dtype = self.vae.dtype
-        self.vae.to(torch.float32)
-        try:
+        with self._vae_in_float32():
             return super().encode_image(images.float()).to(dtype)
-        finally:
-            self.vae.to(dtype)
 
 
 def sdxl_from_components(
