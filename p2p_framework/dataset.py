@@ -37,7 +37,6 @@ import os
 import random
 import re
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,13 +45,9 @@ from typing import Any
 
 from .errors import P2PError
 from .outputs import OutputError, _block_signals, _fsync_dir, folder_lock, json_ready, png_bytes
+from .pipeline_file import read_toml
 from .registry import PluginRegistry, get_registry
 from .spec import JobError, job_keys, spec_from_job
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 #: ``format`` of the manifest's first line.
 DATASET_FORMAT = "p2p-framework/dataset@1"
@@ -237,14 +232,7 @@ def load_dataset_spec(
     """
     registry = registry if registry is not None else get_registry()
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise DatasetError(
-            f"cannot read dataset spec {str(path)!r}: {error.strerror or error}"
-        ) from None
-    except ValueError as error:
-        raise DatasetError(f"dataset spec {str(path)!r} is not valid TOML: {error}") from None
+    data = read_toml(path, "dataset spec", DatasetError)
     unknown = sorted(set(data) - set(SPEC_KEYS))
     if unknown:
         raise DatasetError(

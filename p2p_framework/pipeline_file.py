@@ -40,6 +40,20 @@ class Pipeline:
         return str(self.jobs[index].get("name") or f"job-{index + 1}")
 
 
+def read_toml(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """The TOML file ``path`` as a dict; ``what`` names it in messages (``"pipeline file"``).
+
+    Raises:
+        error: unreadable (with the system's reason) or not valid TOML (with the parser's).
+    """
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as problem:
+        raise error(f"cannot read {what} {str(path)!r}: {problem.strerror or problem}") from None
+    except ValueError as problem:  # tomllib.TOMLDecodeError
+        raise error(f"{what} {str(path)!r} is not valid TOML: {problem}") from None
+
+
 def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     """Read and check a pipeline file (TOML; format in ``docs/cli.md``).
 
@@ -47,14 +61,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
         JobError: unreadable, not TOML, unknown keys, no jobs, or duplicate job names.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise JobError(
-            f"cannot read pipeline file {str(path)!r}: {error.strerror or error}"
-        ) from None
-    except ValueError as error:  # tomllib.TOMLDecodeError
-        raise JobError(f"pipeline file {str(path)!r} is not valid TOML: {error}") from None
+    data = read_toml(path, "pipeline file", JobError)
     unknown = sorted(set(data) - set(PIPELINE_KEYS))
     if unknown:
         raise JobError(
