@@ -61,10 +61,8 @@ __all__ = [
 #: CLIP's published vocabulary size (OpenAI CLIP and OpenCLIP share the BPE vocabulary).
 CLIP_VOCAB_SIZE = 49408
 
-_CROSS_ATTENTION_LAYOUT: dict[str, Any] = {
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+# What every Stable Diffusion UNet config here shares (SD 1.5, 2.1 and XL).
+_UNET_COMMON: dict[str, Any] = {
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 2,
@@ -74,6 +72,14 @@ _CROSS_ATTENTION_LAYOUT: dict[str, Any] = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "norm_eps": 1e-5,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+}
+
+# SD 1.x/2.x: cross-attention at the first three levels.
+_CROSS_ATTENTION_LAYOUT: dict[str, Any] = {
+    **_UNET_COMMON,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 }
 
 # SD 1.5's UNet: https://huggingface.co/runwayml/stable-diffusion-v1-5/blob/main/unet/config.json
@@ -159,18 +165,9 @@ _OPENCLIP_H_TEXT: dict[str, Any] = {
 # (70 self- and 70 cross-attention layers); the added embedding takes the second text
 # encoder's 1280-wide pooled output and 6 time ids of 256 each (2816). 2,567,463,684 parameters.
 _SDXL_UNET: dict[str, Any] = {
+    **_UNET_COMMON,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-5,
     "block_out_channels": (320, 640, 1280),
     "norm_num_groups": 32,
     "attention_head_dim": (5, 10, 20),
