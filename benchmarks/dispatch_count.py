@@ -238,7 +238,9 @@ def extra_ops(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=["sd15", "sd21"], help="sd15, sd21")
+    parser.add_argument(
+        "--arch", nargs="+", default=["sd15", "sd21", "sdxl"], help="sd15, sd21, sdxl"
+    )
     parser.add_argument("--full", action="store_true", help="full-width models (same counts)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (10)")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels (64)")

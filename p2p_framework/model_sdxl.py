@@ -167,6 +167,10 @@ class StableDiffusionXLModel(StableDiffusionModel):
         """The UNet's raw output for latents ``(batch, 4, h, w)`` and packed contexts
         ``(batch, 78, dim)``; the time ids come from ``sizes`` (default: the image size)."""
         hidden, pooled = self.unpack(context)
+        # One copy here: the keys' and values' projections of the strided slice would each
+        # run as a batched matmul with an expanded weight in every cross-attention layer
+        # (twice its launches, rounded unlike diffusers' single matrix product).
+        hidden = hidden.contiguous()
         factor = self.vae_scale_factor
         ids = (sizes or SizeConditioning()).time_ids(
             latents.shape[-2] * factor, latents.shape[-1] * factor
