@@ -223,8 +223,13 @@ def type_text(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
-def _message(error: pydantic.ValidationError, value: Any) -> str:
-    first = error.errors()[0]
+def _message(error: pydantic.ValidationError, value: Any, annotation: Any) -> str:
+    errors = error.errors()
+    if len(errors) > 1 and all(len(e["loc"]) == 1 for e in errors):
+        # The value fits no arm of a top-level union (each error names an arm): say what
+        # the arms are rather than why the first one refused.
+        return f"expected {type_text(annotation)}, got {value!r}"
+    first = errors[0]
     where = "".join(f"[{part!r}]" for part in first["loc"])
     shown = first.get("input", value) if where else value
     text = str(first["msg"]).removeprefix("Value error, ")  # a validator's own message
@@ -250,7 +255,7 @@ def validate_value(owner: str, option: str, annotation: Any, value: Any) -> Any:
     try:
         return _adapter(annotation).validate_python(value)
     except pydantic.ValidationError as error:
-        raise OptionError(owner, option, _message(error, value)) from None
+        raise OptionError(owner, option, _message(error, value, annotation)) from None
 
 
 def validate_fields(obj: Any, owner: str) -> None:

@@ -15,7 +15,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from PIL import Image
@@ -92,9 +92,12 @@ class EditSettings:
         fused_edits: let edits that declare themselves linear (replace, refine, reweight)
             and self-attention taken from the source ride on the fused attention kernel, and
             rows no edit changes take it too (eager runs): about 1.03x plain generation's
-            kernel launches instead of 1.2x, which matters on a launch-bound GPU, at the cost
-            of float rounding (a few pixels one level apart). Off by default, so that edits
-            equal the reference implementation's exactly.
+            kernel launches per UNet call instead of 1.2x, which is what an edit costs where
+            the GPU waits on launches, rounded differently from the reference
+            implementation (latents within about 1e-5 of it, as the exact path's are).
+            ``"auto"`` (the default) turns it on for an eager run on a CUDA device and off
+            elsewhere: a CPU is compute-bound (the route gains nothing measurable there), so
+            CPU runs keep the reference's arithmetic. :func:`resolve_fused_edits`.
         original_size, crop_top_left, target_size: SDXL's micro-conditioning, in pixels,
             ``(height, width)`` / ``(top, left)`` as ``StableDiffusionXLPipeline`` takes them;
             None (and (0, 0)) are diffusers' defaults: the image size, no crop. Other model
@@ -112,7 +115,7 @@ class EditSettings:
     attention_maps: bool = False
     attention_downscale: PowerOfTwo = 4
     separate_uncond_pass: bool = False
-    fused_edits: bool = False
+    fused_edits: bool | Literal["auto"] = "auto"
     original_size: tuple[PixelSize, PixelSize] | None = None
     crop_top_left: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = (0, 0)
     target_size: tuple[PixelSize, PixelSize] | None = None
@@ -235,7 +238,8 @@ class _PreparedJob:
 
 
 def _resolve(model: StableDiffusionModel, job: EditJob) -> tuple[list[str], EditSettings]:
-    """The job's checked prompts and its settings with the image size filled in.
+    """The job's checked prompts and its settings with the image size filled in and
+    ``fused_edits`` resolved to a bool (:func:`resolve_fused_edits`).
 
     Raises:
         PromptError: an empty prompt, or one longer than the text encoder reads.
@@ -254,8 +258,24 @@ def _resolve(model: StableDiffusionModel, job: EditJob) -> tuple[list[str], Edit
             f"original_size, crop_top_left and target_size are SDXL's size conditioning; "
             f"this model ({model.family}) has none",
         )
+    fused = resolve_fused_edits(settings.fused_edits, model.device, compiled=model.compiled)
     # replace() validates again: a field set after construction is checked here.
-    return prompts, dataclasses.replace(settings, height=height, width=width)
+    return prompts, dataclasses.replace(settings, height=height, width=width, fused_edits=fused)
+
+
+def resolve_fused_edits(
+    setting: bool | Literal["auto"], device: torch.device, *, compiled: bool = False
+) -> bool:
+    """Whether a run takes the fused edit route (:attr:`EditSettings.fused_edits`).
+
+    ``"auto"`` is on for an eager UNet on a CUDA device, where an SD-size call waits on
+    kernel launches rather than arithmetic (issue 16: an H100 took 28.7 ms per SD 1.5 call
+    at batch 4 whether attention was fused or materialised), and off on other devices and
+    for a compiled UNet, whose fixed plan does not use the route. True and False are kept.
+    """
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" and not compiled
 
 
 def batch_key(settings: EditSettings) -> tuple[Any, ...]:

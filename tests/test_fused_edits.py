@@ -5,9 +5,9 @@ Replace, refine and reweight declare their cross-attention linear in the maps
 (``EditRun.linear_cross_attention``) and the Prompt-to-Prompt self-attention injection says
 it copies the source (``EditRun.self_attention_is_source``); an eager run then keeps those
 layers on the fused kernel. Forcing every such layer back onto the materialised path
-(``attend``) must give the same latents up to float rounding. The route is opt-in
-(``EditSettings.fused_edits``); by default every edited layer materialises every row, as the
-reference implementation does.
+(``attend``) must give the same latents up to float rounding. ``EditSettings.fused_edits``
+is ``"auto"`` by default: on for eager runs on a CUDA device (launch-bound), off elsewhere,
+where every edited layer materialises every row, as the reference implementation does.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from p2p_framework import (
     EditRun,
     EditSettings,
     LinearCrossAttention,
+    OptionError,
     RunContext,
     run_edit,
 )
+from p2p_framework.pipeline import resolve_fused_edits
 from p2p_framework.plugins.local_blend import LocalBlend
 from p2p_framework.plugins.refine import Refine
 from p2p_framework.plugins.replace import Replace
@@ -211,6 +213,34 @@ def test_a_batch_runs_another_jobs_input_hooks_on_fast_layers(tiny_model) -> Non
         torch.testing.assert_close(result.latents, alone.latents, atol=2e-4, rtol=1e-4)
 
 
+def test_auto_takes_the_fast_route_on_cuda_only_when_eager() -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_fused_edits("auto", cuda) is True
+    assert resolve_fused_edits("auto", cuda, compiled=True) is False
+    assert resolve_fused_edits("auto", cpu) is False
+    assert resolve_fused_edits("auto", torch.device("mps")) is False
+    for device in (cuda, cpu):
+        assert resolve_fused_edits(True, device) is True
+        assert resolve_fused_edits(False, device) is False
+
+
+def test_auto_on_the_cpu_is_the_exact_path_and_is_recorded_as_off(tiny_model) -> None:
+    exact = EditSettings(**{**SETTINGS, "fused_edits": False})
+    auto = EditSettings(**{k: v for k, v in SETTINGS.items() if k != "fused_edits"})
+    assert auto.fused_edits == "auto"
+    by_default = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=auto)
+    explicit = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=exact)
+    assert by_default.settings.fused_edits is False  # what run.json records
+    assert torch.equal(by_default.latents, explicit.latents)
+
+
+def test_fused_edits_takes_true_false_or_auto_and_says_so() -> None:
+    assert EditSettings(fused_edits="true").fused_edits is True
+    assert EditSettings(fused_edits="no").fused_edits is False
+    with pytest.raises(OptionError, match="fused_edits: expected bool \\| 'auto', got 'maybe'"):
+        EditSettings(fused_edits="maybe")
+
+
 def test_by_default_no_layer_takes_the_fast_route(tiny_model, monkeypatch) -> None:
     routes: list[int] = []
     route = AttentionController.route
@@ -227,5 +257,6 @@ def test_by_default_no_layer_takes_the_fast_route(tiny_model, monkeypatch) -> No
     routes.clear()
     fused = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=EditSettings(**SETTINGS))
     assert attention.FAST in routes
-    # Opt-in changes rounding only.
+    # The route changes rounding only.
     torch.testing.assert_close(fused.latents, default.latents, atol=1e-4, rtol=1e-4)
+
