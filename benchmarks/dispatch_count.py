@@ -3,9 +3,10 @@
 On a GPU, Stable Diffusion 1.5 with a UNet batch of 4 is bound by kernel launches rather
 than by arithmetic, so an eager edit costs about what it dispatches. This script counts,
 with a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that is active only inside
-UNet calls (a forward pre-hook and a forward hook on the UNet switch it on and off) and in
+UNet calls (a forward pre-hook and a forward hook on the UNet switch it on and off), in
 the controller's ``begin_call`` just before each call (whatever a per-step plan costs counts
-as part of that step's call):
+as part of that step's call) and in the attention store's ``flush`` (the maps of layers that
+stayed on the fused kernel, computed together after the call):
 
 - **ATen ops**: every operator that reaches the dispatcher's Python key, i.e. after
   autograd and after ``CompositeImplicitAutograd`` decompositions (``matmul`` arrives as
@@ -58,6 +59,7 @@ from p2p_framework.plugins.local_blend import LocalBlend
 from p2p_framework.plugins.refine import Refine
 from p2p_framework.plugins.replace import Replace
 from p2p_framework.plugins.reweight import Reweight
+from p2p_framework.store import AttentionStore
 from p2p_framework.testing import architecture, build_random_model, diffusers_pipeline
 
 SOURCE = "a painting of a squirrel eating a burger"
@@ -106,9 +108,11 @@ class DispatchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def watch(self, unet: torch.nn.Module) -> Callable[[], None]:
-        """Count inside ``unet``'s forward and the controllers' ``begin_call`` only; returns a
-        function removing the hooks."""
+        """Count inside ``unet``'s forward, the controllers' ``begin_call`` and the stores'
+        ``flush`` (maps deferred from the UNet call) only; returns a function removing the
+        hooks."""
         original = ControllerGroup.begin_call
+        original_flush = AttentionStore.flush
 
         def begin_call(group: ControllerGroup, *args: Any, **kwargs: Any) -> None:
             self.active = True
@@ -116,6 +120,13 @@ class DispatchCounter(TorchDispatchMode):
                 original(group, *args, **kwargs)
             finally:
                 self.active = False
+
+        def flush(store: AttentionStore) -> None:
+            was, self.active = self.active, True
+            try:
+                original_flush(store)
+            finally:
+                self.active = was
 
         def begin(module: Any, args: Any) -> None:
             self.active = True
@@ -126,9 +137,11 @@ class DispatchCounter(TorchDispatchMode):
 
         handles = [unet.register_forward_pre_hook(begin), unet.register_forward_hook(end)]
         ControllerGroup.begin_call = begin_call  # type: ignore[method-assign]
+        AttentionStore.flush = flush  # type: ignore[method-assign]
 
         def unwatch() -> None:
             ControllerGroup.begin_call = original  # type: ignore[method-assign]
+            AttentionStore.flush = original_flush  # type: ignore[method-assign]
             for handle in handles:
                 handle.remove()
 

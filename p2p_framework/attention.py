@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .edit import EditRun, RunContext, Step
-from .store import AttentionLayer, AttentionStore, level_grid
+from .store import AttentionLayer, AttentionStore, DeferredMaps, level_grid
 
 
 def layer_place(name: str) -> str:
@@ -200,6 +200,8 @@ class ControlledAttnProcessor:
             )
             if route == FAST:
                 hidden_states = controller.add_source_terms(hidden_states, query, key, value, layer)
+            if controller.fused:  # maps kept here are computed later, many layers at once
+                controller.defer_maps(query, key, attn.scale, layer)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -460,6 +462,7 @@ class AttentionController(ProcessorInstaller):
             cond_rows: rows of the UNet batch holding the conditional prompts, source first;
                 None for a call with no conditional rows (a separate unconditional pass).
         """
+        self.store.flush()  # the last call's deferred maps: no more than a call's are kept
         self.step = step
         self.cond_rows = cond_rows
         self._encoder_cache = None
@@ -556,16 +559,21 @@ class AttentionController(ProcessorInstaller):
         return query, key, value
 
     def route(self, layer: AttentionLayer) -> int:
-        """How this layer call computes attention: :data:`FUSED` (nothing read or changed),
-        :data:`FAST` (eager only: edits that the fused kernel can carry, i.e. self-attention
-        taken from the source, cross-attention whose runs declared the step linear; no map
-        kept here) or :data:`MATERIALISE` (:meth:`attend` sees the probabilities)."""
+        """How this layer call computes attention: :data:`FUSED` (nothing changed; a fused
+        run's kept cross-attention maps are deferred, :meth:`defer_maps`), :data:`FAST`
+        (fused runs only: edits that the fused kernel can carry, i.e. self-attention taken
+        from the source, cross-attention whose runs declared the step linear) or
+        :data:`MATERIALISE` (:meth:`attend` sees the probabilities)."""
         if not self.wants(layer):
             return FUSED
-        if not self.fused or self.store.wants(layer) or self.wants_inputs(layer):
+        if not self.fused or self.wants_inputs(layer):
             return MATERIALISE
         if layer.is_cross:
+            if not self._cross_injecting():
+                return FUSED  # only the store reads it: its maps are deferred (defer_maps)
             return FAST if self._cross_plan is not None else MATERIALISE
+        if self.store.wants(layer):  # self-attention maps are kept as computed
+            return MATERIALISE
         step = self.step
         for run in self.runs:
             if run.uses_self_attention(layer, step) and not run.self_attention_is_source(
@@ -661,6 +669,34 @@ class AttentionController(ProcessorInstaller):
             q, k = q.expand(count, -1, -1, -1), k.expand(count, -1, -1, -1)
         hidden[first:stop].add_(F.scaled_dot_product_attention(q, k, extra))
         return hidden
+
+    def defer_maps(
+        self, query: torch.Tensor, key: torch.Tensor, scale: float, layer: AttentionLayer
+    ) -> None:
+        """Fused runs, on the FUSED and FAST routes: hand the store this call's queries and
+        keys where it keeps this layer's cross-attention maps, with the step's token maps
+        (:class:`~p2p_framework.store.DeferredMaps`); it computes the maps of the whole UNet
+        call together, before they are read.
+
+        Args:
+            query: ``(batch, heads, queries, head_dim)`` as attended (targets may hold their
+                source's queries, see :meth:`query_rows`).
+            key: ``(batch, heads, tokens, head_dim)``.
+        """
+        rows = self.cond_rows
+        if rows is None or not layer.is_cross or not self.store.wants(layer):
+            return
+        plan = self._cross_plan if self._cross_injecting() else None
+        self.store.defer(
+            DeferredMaps(
+                layer,
+                query[rows],
+                key[rows],
+                scale,
+                plan.source_map if plan is not None else None,
+                plan.target_map if plan is not None else None,
+            )
+        )
 
     def wants(self, layer: AttentionLayer) -> bool:
         """Whether this layer's probabilities are read or changed in the current call."""

@@ -1,8 +1,9 @@
 """Several edit jobs in one UNet batch: the controller composite and the batch planner.
 
 :class:`ControllerGroup` stands where one :class:`~p2p_framework.attention.AttentionController`
-stands for :class:`~p2p_framework.attention.ControlledAttnProcessor` (which only calls
-``wants``, ``attend``, ``wants_inputs``, ``attention_inputs`` and reads ``latent_size``). It
+stands for :class:`~p2p_framework.attention.ControlledAttnProcessor` (which calls ``route``,
+``wants_inputs``, ``attention_inputs``, ``attend``, ``defer_maps`` and the FAST route's
+helpers, and reads ``latent_size``). It
 holds one controller per job, each with the rows its job occupies in the UNet batch, so every
 job keeps its own edits, schedules and attention store, and each controller sees the batch
 exactly as it would alone, only with its rows further down.
@@ -153,6 +154,17 @@ class ControllerGroup(ProcessorInstaller):
             except Exception as error:  # a plugin's bug (its uses_*) fails its job only
                 self.errors[index] = error
         return hidden
+
+    def defer_maps(
+        self, query: torch.Tensor, key: torch.Tensor, scale: float, layer: AttentionLayer
+    ) -> None:
+        """Each active job's :meth:`~p2p_framework.attention.AttentionController.defer_maps`
+        (each takes its own rows)."""
+        for index, controller in self._active():
+            try:
+                controller.defer_maps(query, key, scale, layer)
+            except Exception as error:  # a plugin's bug (its uses_*) fails its job only
+                self.errors[index] = error
 
     def wants_inputs(self, layer: AttentionLayer) -> bool:
         """Whether any job changes this layer's queries, keys or values in the current call."""

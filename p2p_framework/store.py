@@ -53,11 +53,47 @@ class AttentionLayer:
         return self.grid[0] * self.grid[1]
 
 
+#: Most attention scores (queries x tokens x heads x prompts, over the kept layer calls) the
+#: store computes in one batch: 2**26 float32 values are 256 MiB, about 42 of SDXL's 32x32
+#: layers at 1024 px for one target, so its 60 such layers take two batches per call.
+DEFERRED_SCORES = 2**26
+
+
+@dataclass(frozen=True)
+class DeferredMaps:
+    """One layer call's cross-attention maps, kept as queries and keys until
+    :meth:`AttentionStore.flush` computes those of many layers in one batch.
+
+    Attributes:
+        layer: where the call happened.
+        query: ``(prompts, heads, queries, head_dim)`` of the job's conditional rows, source
+            first; a target's row may hold its source's queries where ``target_map`` is None.
+        key: ``(prompts, heads, tokens, head_dim)``, likewise.
+        scale: the layer's softmax scale.
+        source_map: ``(targets, tokens, tokens)``: a target's stored maps are
+            ``A_src @ source_map + A_t @ target_map`` (head-averaged maps ``A``); None: the
+            targets keep their own maps (no injection in this call).
+        target_map: ``(targets, tokens, tokens)`` or None (zero) when ``source_map`` is set.
+    """
+
+    layer: AttentionLayer
+    query: torch.Tensor
+    key: torch.Tensor
+    scale: float
+    source_map: torch.Tensor | None = None
+    target_map: torch.Tensor | None = None
+
+
 class AttentionStore:
     """Running sums of the conditional rows' attention maps, averaged over heads.
 
     Maps are stored after the edit, i.e. the attention the model actually used. A key is
     ``(is_cross, downscale)``; the sum runs over every layer of that key and every step.
+
+    Layers on the fused kernel hand over their queries and keys instead (:meth:`defer`);
+    :meth:`flush` turns one UNet call's worth into maps in a few batched operations (the
+    same maps up to float rounding) rather than about seven per layer. Reading
+    (:meth:`average`) flushes first.
     """
 
     def __init__(self) -> None:
@@ -70,6 +106,8 @@ class AttentionStore:
         self._counts: dict[tuple[bool, int], torch.Tensor] = {}
         self._confirmed: set[tuple[bool, int]] = set()
         self._grids: dict[tuple[bool, int], tuple[int, int]] = {}
+        self._deferred: list[DeferredMaps] = []
+        self._deferred_scores = 0
 
     def track(self, *, downscale: int, cross: bool = True) -> None:
         """Ask the store to keep maps of the layers at ``downscale`` (cross or self)."""
@@ -91,6 +129,8 @@ class AttentionStore:
         self._calls.clear()
         self._confirmed.clear()
         self._grids.clear()
+        self._deferred.clear()
+        self._deferred_scores = 0
 
     def allocate(
         self, rows: int, tokens: int, latent_size: tuple[int, int], device: torch.device
@@ -120,21 +160,65 @@ class AttentionStore:
         Args:
             probs: ``(prompts, heads, queries, tokens)`` attention probabilities.
         """
+        self._add_maps(layer, probs.float().mean(dim=1), 1)
+
+    def defer(self, maps: DeferredMaps) -> None:
+        """Keep one layer call's queries and keys; their maps are added at :meth:`flush`,
+        or at once when the kept calls' scores would pass :data:`DEFERRED_SCORES` values."""
+        self._deferred.append(maps)
+        self._deferred_scores += maps.query.shape[:-1].numel() * maps.key.shape[-2]
+        if self._deferred_scores > DEFERRED_SCORES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the deferred layer calls' maps: layers of one shape and edit plan share one
+        batched ``softmax(Q K^T * scale)``, head mean, token-map product and sum."""
+        from .attention import attention_probabilities  # attention imports this module
+
+        deferred, self._deferred = self._deferred, []
+        self._deferred_scores = 0
+        groups: dict[tuple, list[DeferredMaps]] = {}
+        for item in deferred:
+            signature = (
+                item.layer.is_cross,
+                item.layer.downscale,
+                item.query.shape,
+                item.key.shape,
+                item.scale,
+                id(item.source_map),
+                id(item.target_map),
+            )
+            groups.setdefault(signature, []).append(item)
+        for items in groups.values():
+            first = items[0]
+            query = torch.stack([item.query for item in items])  # (layers, prompts, ...)
+            key = torch.stack([item.key for item in items])
+            maps = attention_probabilities(query, key, first.scale).float().mean(dim=2)
+            if first.source_map is not None:
+                source = maps[:, :1]  # (layers, 1, queries, tokens)
+                edited = torch.matmul(source, first.source_map.float())
+                if first.target_map is not None:
+                    edited = edited + torch.matmul(maps[:, 1:], first.target_map.float())
+                maps = torch.cat([source, edited], dim=1)
+            self._add_maps(first.layer, maps.sum(dim=0), len(items))
+
+    def _add_maps(self, layer: AttentionLayer, maps: torch.Tensor, calls: int) -> None:
+        """Add ``(prompts, queries, tokens)`` head-averaged maps summed over ``calls``
+        layer calls of ``layer``'s resolution."""
         key = (layer.is_cross, layer.downscale)
-        maps = probs.float().mean(dim=1)
         if key in self._sums:
             # In place, and the count is a tensor: nothing here depends on a Python value
             # that changes from call to call, so a compiled UNet is not recompiled.
             self._sums[key].add_(maps)
             if self.device_counts:
-                self._counts[key].add_(1)
+                self._counts[key].add_(calls)
         else:
             self._sums[key] = maps.clone()
-            self._counts[key] = torch.ones((), dtype=torch.int64, device=maps.device)
+            self._counts[key] = torch.full((), calls, dtype=torch.int64, device=maps.device)
             self._grids[key] = layer.grid
             self._calls[key] = 0
         if not self.device_counts:
-            self._calls[key] = self._calls.get(key, 0) + 1
+            self._calls[key] = self._calls.get(key, 0) + calls
 
     def average(self, *, downscale: int, cross: bool = True) -> torch.Tensor:
         """Maps averaged over heads, layers and steps so far.
@@ -145,6 +229,7 @@ class AttentionStore:
         Raises:
             KeyError: nothing was stored for that resolution (no layer there, or not tracked).
         """
+        self.flush()
         key = (cross, downscale)
         if not self.device_counts:
             calls = self._calls.get(key, 0)

@@ -260,3 +260,69 @@ def test_by_default_no_layer_takes_the_fast_route(tiny_model, monkeypatch) -> No
     # The route changes rounding only.
     torch.testing.assert_close(fused.latents, default.latents, atol=1e-4, rtol=1e-4)
 
+
+@pytest.mark.parametrize(
+    "prompts, edits",
+    [
+        ([SOURCE, TARGET], lambda: [Replace()]),  # every token injected: no target part
+        ([SOURCE, REFINED], lambda: [Refine()]),  # new tokens keep their own maps
+        ([SOURCE, TARGET, TARGET.replace("lion", "cat")], lambda: [Replace(), Mute()]),
+    ],
+    ids=["replace", "refine", "two targets, third-party mute"],
+)
+def test_kept_maps_computed_after_the_call_equal_the_materialised_ones(
+    tiny_model, monkeypatch, prompts, edits
+) -> None:
+    """A fused run keeps the maps of layers on the fused kernel as queries and keys and
+    computes them, edited by the step's token maps, a call at a time: the stored maps equal
+    those of layers that materialise and edit their probabilities."""
+    settings = EditSettings(**{**SETTINGS, "attention_maps": True})
+    counted = Materialisations(monkeypatch)
+    deferred = run_edit(tiny_model, prompts, edits(), settings=settings)
+    assert counted.calls <= settings.steps  # one batch per call at most, no layer's own
+    with monkeypatch.context() as patch:
+        force_materialised(patch)
+        materialised = run_edit(tiny_model, prompts, edits(), settings=settings)
+    ours = deferred.attention_store.average(downscale=4)
+    theirs = materialised.attention_store.average(downscale=4)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    # What was stored is the edited attention, not the targets' own.
+    plain = run_edit(tiny_model, prompts, [], settings=settings)
+    assert (ours[1:] - plain.attention_store.average(downscale=4)[1:]).abs().max() > 1e-3
+
+
+def test_kept_maps_of_batched_jobs_are_each_jobs_own(tiny_model) -> None:
+    from p2p_framework import EditJob, run_edits
+
+    settings = EditSettings(**{**SETTINGS, "attention_maps": True})
+    jobs = [
+        EditJob([SOURCE, TARGET], [Replace()], settings=settings),
+        EditJob([REFINED, REFINED], [Reweight({"forest": 2.0})], settings=settings),
+    ]
+    batched = run_edits(tiny_model, jobs)
+    assert batched[1].batch == [0, 1]
+    for job, result in zip(jobs, batched):
+        alone = run_edit(tiny_model, job.prompts, job.edits, settings=settings)
+        torch.testing.assert_close(
+            result.attention_store.average(downscale=4),
+            alone.attention_store.average(downscale=4),
+            atol=1e-6,
+            rtol=1e-5,
+        )
+
+
+def test_deferred_maps_are_computed_in_batches_of_bounded_size(tiny_model, monkeypatch) -> None:
+    import p2p_framework.store as store_module
+
+    settings = EditSettings(**{**SETTINGS, "attention_maps": True})
+    whole = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=settings)
+    counted = Materialisations(monkeypatch)
+    monkeypatch.setattr(store_module, "DEFERRED_SCORES", 1)  # every layer call alone
+    alone = run_edit(tiny_model, [SOURCE, TARGET], [Replace()], settings=settings)
+    assert counted.calls > settings.steps
+    torch.testing.assert_close(
+        alone.attention_store.average(downscale=4),
+        whole.attention_store.average(downscale=4),
+        atol=1e-6,
+        rtol=1e-5,
+    )
