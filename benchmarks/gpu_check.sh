@@ -45,7 +45,7 @@ scale)
     ;;
 more)
     step 240 scale-sd21 benchmarks/scale.py --device cuda --arch sd21 --no-warmup --repeats 3 \
-        --rows plain edit edit-all null-text null-text-both --json "$OUT/scale-sd21.json"
+        --rows plain edit edit-exact edit-all null-text null-text-both --json "$OUT/scale-sd21.json"
     step 300 batching-sd15 benchmarks/batching.py --device cuda --preset sd15 --steps 50 \
         --jobs 8 --repeats 2 --batch-rows 16
     ;;
@@ -53,7 +53,7 @@ sdxl)
     # Issue 12's targets: the edit at most 1.10x plain generation; null-text at 1024 px with
     # the half-precision UNet path within 24 GiB (the null-text row's peak memory).
     step 540 scale-sdxl benchmarks/scale.py --device cuda --arch sdxl --no-warmup --repeats 3 \
-        --rows plain edit edit-all null-text null-text-both --json "$OUT/scale-sdxl.json"
+        --rows plain edit edit-exact edit-all null-text null-text-both --json "$OUT/scale-sdxl.json"
     ;;
 *)
     echo "usage: OUT=DIR bash benchmarks/gpu_check.sh scale|more|sdxl" >&2

@@ -6,7 +6,10 @@ and target) at guidance 7.5, i.e. UNet batch 4, with the same DDIM scheduler, st
 
 - ``plain``: diffusers' ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL)
   generating the 2 prompts;
-- ``edit``: ``run_edit`` with replace + local blend (what a word swap usually runs);
+- ``edit``: ``run_edit`` with replace + local blend (what a word swap usually runs), with
+  ``fused_edits`` at its default ``"auto"`` (the fused route on CUDA, the exact one on a CPU);
+- ``edit-exact``: the same with ``fused_edits=False``: every edited layer materialised, as
+  CPU runs are (on a CPU it is the ``edit`` row again);
 - ``edit-all``: the same edit with every attention layer materialised, reference-style:
   the attention store tracks every resolution, cross and self, so every layer computes its
   softmax explicitly and stores its maps (the original code computes every softmax itself;
@@ -124,11 +127,19 @@ class RowSpec:
     materialise: bool = False
     compiled: bool = False
     default: bool = True
+    #: EditSettings.fused_edits of an edit row ("auto": fused on CUDA, exact on the CPU).
+    fused_edits: bool | str = "auto"
 
 
 ROWS: list[RowSpec] = [
     RowSpec("plain", "diffusers pipeline (plain generation)", "plain"),
     RowSpec("edit", "edit: replace + local blend", "edit"),
+    RowSpec(
+        "edit-exact",
+        "edit: replace + local blend, exact path (fused_edits=false)",
+        "edit",
+        fused_edits=False,
+    ),
     RowSpec("edit-all", "edit, every attention layer materialised", "edit", materialise=True),
     RowSpec("ddim", "inversion: ddim", "invert", "ddim"),
     RowSpec("negative-prompt", "inversion: negative-prompt", "invert", "negative-prompt"),
@@ -221,9 +232,11 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def settings(self, steps: int) -> EditSettings:
+    def settings(self, steps: int, fused_edits: bool | str = "auto") -> EditSettings:
         size = self.args.size
-        return EditSettings(steps=steps, guidance=GUIDANCE, height=size, width=size)
+        return EditSettings(
+            steps=steps, guidance=GUIDANCE, height=size, width=size, fused_edits=fused_edits
+        )
 
     def runner(self, spec: RowSpec, warm: bool) -> Callable[[], dict[str, Any]]:
         """A function doing one run of ``spec`` and returning what it counted."""
@@ -249,7 +262,8 @@ class Bench:
                 edits: list[Edit] = [Replace(), LocalBlend(words=list(BLEND_WORDS))]
                 if spec.materialise:
                     edits.append(MaterialiseAll())
-                result = run_edit(model, [SOURCE, TARGET], edits, settings=self.settings(steps))
+                settings = self.settings(steps, spec.fused_edits)
+                result = run_edit(model, [SOURCE, TARGET], edits, settings=settings)
                 timings = {k: round(v, 4) for k, v in result.timings.items()}
                 return {"store_bytes": result.attention_store.nbytes(), "timings": timings}
 
