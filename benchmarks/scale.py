@@ -9,7 +9,8 @@ and target) at guidance 7.5, i.e. UNet batch 4, with the same DDIM scheduler, st
 - ``edit``: ``run_edit`` with replace + local blend (what a word swap usually runs), with
   ``fused_edits`` at its default ``"auto"`` (the fused route on CUDA, the exact one on a CPU);
 - ``edit-exact``: the same with ``fused_edits=False``: every edited layer materialised, as
-  CPU runs are (on a CPU it is the ``edit`` row again);
+  CPU runs are (on a CPU it is the ``edit`` row again); ``edit-fused`` (asked for with
+  ``--rows``): with ``fused_edits=True``, the route CUDA runs take (on CUDA, ``edit`` again);
 - ``edit-all``: the same edit with every attention layer materialised, reference-style:
   the attention store tracks every resolution, cross and self, so every layer computes its
   softmax explicitly and stores its maps (the original code computes every softmax itself;
@@ -139,6 +140,13 @@ ROWS: list[RowSpec] = [
         "edit: replace + local blend, exact path (fused_edits=false)",
         "edit",
         fused_edits=False,
+    ),
+    RowSpec(
+        "edit-fused",
+        "edit: replace + local blend, fused route (fused_edits=true)",
+        "edit",
+        fused_edits=True,
+        default=False,
     ),
     RowSpec("edit-all", "edit, every attention layer materialised", "edit", materialise=True),
     RowSpec("ddim", "inversion: ddim", "invert", "ddim"),
