@@ -326,3 +326,33 @@ def test_deferred_maps_are_computed_in_batches_of_bounded_size(tiny_model, monke
         atol=1e-6,
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_in_half_precision_the_fused_route_is_as_close_to_float32_as_the_exact_path(
+    tiny_model_dir, tiny_model, dtype
+) -> None:
+    """CUDA runs load in float16 and take the fused route by default: there the half
+    precision arithmetic, not the route, sets the distance to a float32 run."""
+    from p2p_framework import load_model
+
+    half = load_model(tiny_model_dir, device="cpu", dtype=dtype)
+    edits = lambda: [Replace(), LocalBlend(words=["squirrel", "lion"], start_blend=0.0)]  # noqa: E731
+    settings = {**SETTINGS, "attention_maps": True}
+    reference = run_edit(tiny_model, [SOURCE, TARGET], edits(), settings=EditSettings(**settings))
+    errors = {}
+    for fused in (False, True):
+        result = run_edit(
+            half,
+            [SOURCE, TARGET],
+            edits(),
+            settings=EditSettings(**{**settings, "fused_edits": fused}),
+        )
+        assert result.latents.dtype == dtype and torch.isfinite(result.latents).all()
+        errors[fused] = float((result.latents.float() - reference.latents).abs().mean())
+        maps = result.attention_store.average(downscale=4)
+        torch.testing.assert_close(
+            maps, reference.attention_store.average(downscale=4), atol=0.02, rtol=0
+        )
+    assert errors[False] > 0  # half precision does change the result
+    assert errors[True] <= 1.5 * errors[False], errors
