@@ -167,9 +167,9 @@ class StableDiffusionXLModel(StableDiffusionModel):
         """The UNet's raw output for latents ``(batch, 4, h, w)`` and packed contexts
         ``(batch, 78, dim)``; the time ids come from ``sizes`` (default: the image size)."""
         hidden, pooled = self.unpack(context)
-        # One copy here: the keys' and values' projections of the strided slice would each
-        # run as a batched matmul with an expanded weight in every cross-attention layer
-        # (twice its launches, rounded unlike diffusers' single matrix product).
+        # One copy here: on the strided slice, every cross-attention layer's key and value
+        # projections would each run as a batched matmul over an expanded weight (six
+        # dispatched ops where diffusers, given a contiguous tensor, runs one matrix product).
         hidden = hidden.contiguous()
         factor = self.vae_scale_factor
         ids = (sizes or SizeConditioning()).time_ids(
