@@ -34,19 +34,10 @@ from pathlib import Path
 
 import torch
 
+from p2p_framework.demo.shapes import EDIT_PROMPTS
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "examples" / "dataset"
-
-SCENES = [
-    ("blue circle", "yellow circle", "striped green"),
-    ("purple square", "red square", "dotted orange"),
-    ("green triangle", "green circle", "striped blue"),
-    ("red circle", "red circle", "striped yellow"),
-    ("yellow square", "blue square", "dotted purple"),
-    ("red triangle", "red square", "dotted blue"),
-    ("green circle", "purple circle", "striped orange"),
-    ("blue square", "blue triangle", "dotted green"),
-]
 
 
 def make_spec(folder: Path, items: int, samples: int, steps: int, device: str) -> Path:
@@ -56,9 +47,8 @@ def make_spec(folder: Path, items: int, samples: int, steps: int, device: str) -
 
     lines = []
     for i in range(items):
-        a, t, b = SCENES[i % len(SCENES)]
-        item = {"id": f"item-{i}", "prompt": f"a {a} on a {b} background"}
-        lines.append(json.dumps({**item, "target": f"a {t} on a {b} background"}))
+        source, target = EDIT_PROMPTS[i % len(EDIT_PROMPTS)]
+        lines.append(json.dumps({"id": f"item-{i}", "prompt": source, "target": target}))
     (folder / "items.jsonl").write_text("\n".join(lines) + "\n")
     text = (EXAMPLE / "spec.toml").read_text()
     text = text.replace("samples_per_item = 4", f"samples_per_item = {samples}")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from p2p_framework.dataset import Manifest, load_dataset_spec, read_dataset, run_dataset
+from p2p_framework.demo.shapes import EDIT_PROMPTS
 
 pytestmark = pytest.mark.ray
 
@@ -26,15 +27,8 @@ if os.environ.get("P2P_REQUIRE_RAY"):
 else:
     ray = pytest.importorskip("ray", reason="pip install 'p2p-framework[ray]'")
 
-#: (source, target) pairs of the demo model's scenes, as "COLOUR SHAPE on a PATTERN COLOUR".
-SCENES = [
-    ("blue circle", "yellow circle", "striped green"),
-    ("purple square", "red square", "dotted orange"),
-    ("green triangle", "green circle", "striped blue"),
-    ("red circle", "red circle", "striped yellow"),
-    ("yellow square", "blue square", "dotted purple"),
-]
-ITEMS = [(f"a {a} on a {b} background", f"a {t} on a {b} background") for a, t, b in SCENES]
+#: (source, target) prompts of the demo model's scenes.
+ITEMS = EDIT_PROMPTS[:5]
 #: Fails in every sample (no such photo); the others go on.
 BAD = {"id": "bad", "prompt": ITEMS[0][0], "target": ITEMS[0][1], "image": "missing.png"}
 

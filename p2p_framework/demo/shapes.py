@@ -106,6 +106,23 @@ DOT_RADIUS = 2.0
 #: The word after the background colour.
 BACKGROUND_WORD = "background"
 
+#: Word swaps in the demo domain as ``(source prompt, target prompt)``: colour and shape
+#: edits of one object on a textured background, captioned as the model was trained (the
+#: dataset benchmark cycles through them; the Ray tests take the first five).
+EDIT_PROMPTS: list[tuple[str, str]] = [
+    (f"a {source} on a {background} background", f"a {target} on a {background} background")
+    for source, target, background in [
+        ("blue circle", "yellow circle", "striped green"),
+        ("purple square", "red square", "dotted orange"),
+        ("green triangle", "green circle", "striped blue"),
+        ("red circle", "red circle", "striped yellow"),
+        ("yellow square", "blue square", "dotted purple"),
+        ("red triangle", "red square", "dotted blue"),
+        ("green circle", "purple circle", "striped orange"),
+        ("blue square", "blue triangle", "dotted green"),
+    ]
+]
+
 #: Every word a caption can contain.
 VOCABULARY: tuple[str, ...] = (
     "a",
