@@ -359,13 +359,23 @@ class StableDiffusionModel:
                 (:class:`~p2p_framework.model_sdxl.SizeConditioning`); this family has none,
                 so only None or the default is accepted.
         """
+        self.check_size_conditioning(sizes)
+        return self._call_unet(latents, timestep, context)
+
+    def check_size_conditioning(self, sizes: Any) -> None:
+        """Refuse SDXL's micro-conditioning (a non-default
+        :class:`~p2p_framework.model_sdxl.SizeConditioning`) for a family without it.
+
+        Raises:
+            OptionError: ``sizes`` is not None or the default.
+        """
         if sizes is not None and not sizes.is_default:
             raise OptionError(
                 "pipeline",
                 "original_size",
-                f"size conditioning is SDXL's; this model ({self.family}) has none",
+                "original_size, crop_top_left and target_size are SDXL's size conditioning; "
+                f"this model ({self.family}) has none",
             )
-        return self._call_unet(latents, timestep, context)
 
     def _call_unet(
         self, latents: torch.Tensor, timestep: Any, context: torch.Tensor, **extra: Any

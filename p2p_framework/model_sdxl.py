@@ -157,6 +157,9 @@ class StableDiffusionXLModel(StableDiffusionModel):
             )  # fmt: skip
         return super().uncond_context()
 
+    def check_size_conditioning(self, sizes: SizeConditioning | None) -> None:
+        """SDXL takes any size conditioning: nothing to refuse."""
+
     def predict(
         self,
         latents: torch.Tensor,

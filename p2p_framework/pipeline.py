@@ -27,7 +27,7 @@ from .batch import ControllerGroup, plan_batches
 from .edit import Edit, EditRun, RunContext
 from .errors import NumericalError, OptionError, P2PError, P2PWarning, PluginRunError, PromptError
 from .model import StableDiffusionModel, check_steps
-from .model_sdxl import SDXL_FAMILY, SizeConditioning
+from .model_sdxl import SizeConditioning
 from .options import validate_fields
 from .prompts import check_prompt_lengths
 from .schedules import OWNER, CrossReplace, StepWindow, cross_replace_table, self_replace_window
@@ -251,13 +251,7 @@ def _resolve(model: StableDiffusionModel, job: EditJob) -> tuple[list[str], Edit
     width = model.default_size if settings.width is None else settings.width
     model.latent_size(height, width)  # raises OptionError for sizes the VAE cannot take
     check_steps(settings.steps, model.max_steps)
-    if not settings.size_conditioning.is_default and model.family != SDXL_FAMILY:
-        raise OptionError(
-            "pipeline",
-            "original_size",
-            f"original_size, crop_top_left and target_size are SDXL's size conditioning; "
-            f"this model ({model.family}) has none",
-        )
+    model.check_size_conditioning(settings.size_conditioning)
     fused = resolve_fused_edits(settings.fused_edits, model.device, compiled=model.compiled)
     # replace() validates again: a field set after construction is checked here.
     return prompts, dataclasses.replace(settings, height=height, width=width, fused_edits=fused)
