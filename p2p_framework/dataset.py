@@ -44,7 +44,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import P2PError
-from .outputs import OutputError, _block_signals, _fsync_dir, folder_lock, json_ready, png_bytes
+from .outputs import (
+    OutputError,
+    _block_signals,
+    _fsync_dir,
+    folder_lock,
+    json_ready,
+    png_bytes,
+    write_bytes_atomic,
+)
 from .pipeline_file import read_toml
 from .registry import PluginRegistry, get_registry
 from .spec import JobError, job_keys, spec_from_job
@@ -795,8 +803,9 @@ class ShardWriter:
         return row["item"]
 
     def commit(self) -> None:
-        """Write the collected rows as one shard (temporary name, then rename) and append
-        the manifest line that commits it with its items' outcomes."""
+        """Write the collected rows as one shard (through a temporary file and a rename,
+        :func:`~p2p_framework.outputs.write_bytes_atomic`) and append the manifest line that
+        commits it with its items' outcomes."""
         if not self.outcomes:
             return
         import pyarrow.parquet as pq
@@ -812,12 +821,10 @@ class ShardWriter:
                     [{c: row[c] for c in SHARD_COLUMNS} for row in rows],
                     schema=pa.schema([_row_schema().field(c) for c in SHARD_COLUMNS]),
                 )
-                final = self.out / SHARDS / name
-                temp = final.with_name(f".{name}.tmp")
-                pq.write_table(table, temp)
-                with open(temp, "rb") as file:
-                    os.fsync(file.fileno())
-                os.replace(temp, final)
+                encoded = pa.BufferOutputStream()
+                pq.write_table(table, encoded)
+                data = encoded.getvalue().to_pybytes()
+                final = write_bytes_atomic(self.out / SHARDS / name, data)
                 _fsync_dir(final.parent)
                 self.shards_written += 1
             self.manifest.append({"shard": name, "rows": len(rows), "items": self.outcomes})
