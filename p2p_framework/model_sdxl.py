@@ -107,6 +107,10 @@ class StableDiffusionXLModel(StableDiffusionModel):
         Raises:
             OptionError: the tokenizers split a prompt differently.
         """
+        return self._both_token_ids(prompts)[0]
+
+    def _both_token_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both tokenizers' ``(prompts, 77)`` ids, checked to agree (:meth:`token_ids`)."""
         first = self._tokenize(self.tokenizer, prompts)
         second = self._tokenize(self.tokenizer_2, prompts)
         end = self.tokenizer.eos_token_id
@@ -119,7 +123,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
                     f"the model's two tokenizers split {prompt!r} differently, so word "
                     "positions would differ between its text encoders",
                 )
-        return first
+        return first, second
 
     def pack(self, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """The context ``(rows, tokens + 1, dim)`` from hidden states ``(rows, tokens, dim)``
@@ -138,8 +142,8 @@ class StableDiffusionXLModel(StableDiffusionModel):
         """The packed context ``(prompts, 78, dim)`` (module docstring), as
         ``StableDiffusionXLPipeline.encode_prompt`` computes it: both encoders' penultimate
         hidden states side by side, and the second encoder's projected pooled output."""
-        ids_1 = self.token_ids(prompts).to(self.text_encoder.device)
-        ids_2 = self._tokenize(self.tokenizer_2, prompts).to(self.text_encoder_2.device)
+        ids_1, ids_2 = self._both_token_ids(prompts)
+        ids_1, ids_2 = ids_1.to(self.text_encoder.device), ids_2.to(self.text_encoder_2.device)
         out_1 = self.text_encoder(ids_1, output_hidden_states=True)
         out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
         hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
