@@ -74,6 +74,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
     force_zeros_for_empty_prompt: bool = True
     family: str = SDXL_FAMILY
     _pooled_width: int = field(default=0, repr=False)
+    _time_ids: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._pooled_width = int(self.text_encoder_2.config.projection_dim)
@@ -182,7 +183,12 @@ class StableDiffusionXLModel(StableDiffusionModel):
         ids = (sizes or SizeConditioning()).time_ids(
             latents.shape[-2] * factor, latents.shape[-1] * factor
         )
-        time_ids = torch.tensor([ids], dtype=context.dtype, device=context.device)
+        key = (tuple(ids), context.dtype, context.device)
+        time_ids = self._time_ids.get(key)
+        if time_ids is None:  # once per size and device: not a host-to-device copy per call
+            time_ids = self._time_ids[key] = torch.tensor(
+                [ids], dtype=context.dtype, device=context.device
+            )
         added = {"text_embeds": pooled, "time_ids": time_ids.expand(latents.shape[0], -1)}
         return self._call_unet(latents, timestep, hidden, added_cond_kwargs=added)
 
