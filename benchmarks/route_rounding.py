@@ -7,8 +7,9 @@ others on the fused kernel, as diffusers does; the fused route (``fused_edits`` 
 eager CUDA runs use by default) also keeps the edited layers on it where the edit allows.
 This script runs each edit three ways on the embedded demo model, with the same seed:
 
-- **reference**: every layer of every call materialised (the controller's ``route`` forced
-  to ``MATERIALISE``), which is the reference code's computation;
+- **reference**: every layer of every call materialised (``scale.py``'s ``MaterialiseAll``
+  edit has the store track every resolution, so on the exact path every layer computes
+  its probabilities), which is the reference code's computation;
 - **exact**: ``fused_edits=False``;
 - **fused**: ``fused_edits=True``;
 
@@ -24,13 +25,12 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from scale import MaterialiseAll  # this folder's: run as python benchmarks/route_rounding.py
 
-import p2p_framework.attention as attention
 from p2p_framework import Edit, EditResult, EditSettings, load_model, run_edit
 from p2p_framework.demo import DEMO_MODEL_DIR
 from p2p_framework.plugins.local_blend import LocalBlend
@@ -52,22 +52,6 @@ EDITS: dict[str, tuple[list[str], Callable[[], list[Edit]]]] = {
         lambda: [Replace(), LocalBlend(words=["circle", "circle"])],
     ),
 }
-
-
-@contextmanager
-def every_layer_materialised() -> Iterator[None]:
-    """Route every layer of every call with conditional rows through explicit
-    probabilities, as the reference code computes attention."""
-    route = attention.AttentionController.route
-
-    def materialise(self: attention.AttentionController, layer: attention.AttentionLayer) -> int:
-        return route(self, layer) if self.cond_rows is None else attention.MATERIALISE
-
-    attention.AttentionController.route = materialise  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        attention.AttentionController.route = route  # type: ignore[method-assign]
 
 
 def pixels(result: EditResult) -> np.ndarray:
@@ -93,12 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, (prompts, edits) in EDITS.items():
         for seed in args.seeds:
 
-            def run(fused: bool, prompts: list[str] = prompts, edits=edits, seed=seed):  # noqa: ANN001, ANN202
+            def run(fused: bool, extra=(), prompts=prompts, edits=edits, seed=seed):  # noqa: ANN001, ANN202
                 settings = EditSettings(steps=args.steps, fused_edits=fused)
-                return run_edit(model, prompts, edits(), source=Seed(seed=seed), settings=settings)
+                chosen = [*edits(), *extra]
+                return run_edit(model, prompts, chosen, source=Seed(seed=seed), settings=settings)
 
-            with every_layer_materialised():
-                reference = run(False)
+            reference = run(False, extra=[MaterialiseAll()])
             exact, fused = run(False), run(True)
             values += pixels(reference).size
             lines.append(
